@@ -1,0 +1,252 @@
+//! The command line: `run`, `simulate`, `check-config`.
+
+use crate::config::{Config, ConfigError};
+use crate::pipeline::{self, Plan, Sink, Timing};
+use crate::source::{SimSettings, Speed};
+use crate::stats::Stats;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_CONFIG: &str = "/etc/redline-agent/agent.toml";
+
+/// Exit codes beyond 0 (success) and 1 (failure).
+pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_UNDELIVERED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "redline-agent",
+    version,
+    about = "Race-car telemetry agent: sensors → 10 Hz records → MQTT with mutual TLS to AWS IoT Core"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent (the daemon): read the configured source, publish to the broker.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Bench mode: a simulated car replaces the configured source; sampling, batching and
+    /// publishing are the real path.
+    Simulate(SimulateArgs),
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SimulateArgs {
+    /// Configuration file (default: built-in bench defaults, printing to stdout).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Print each message payload on stdout instead of publishing.
+    #[arg(long)]
+    pub stdout: bool,
+    /// Simulated time to run, e.g. `30s` or `1h` (default: until stopped).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Time compression: a factor such as `10`, or `max` for as fast as the machine goes.
+    #[arg(long, default_value = "1")]
+    pub speed: Speed,
+    /// Seed of the simulated car (default: `source.seed` of the config, else 1).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Start of the simulated clock, RFC 3339 (default: now).
+    #[arg(long, value_parser = parse_start)]
+    pub start: Option<i64>,
+    /// Inject sensor faults: a sensor that stops, non-finite and out-of-range values.
+    #[arg(long)]
+    pub faults: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("expected a duration such as `30s`: {e}"))
+}
+
+fn parse_start(s: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("expected an RFC 3339 time such as 2024-01-14T21:20:00Z: {e}"))?;
+    Ok((t.unix_timestamp_nanos() / 1000) as i64)
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::logging::init(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.to_toml());
+                eprintln!("{}: configuration is valid", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return config_failure(&e),
+            };
+            let sim = SimSettings {
+                seed: cfg.source.seed,
+                start: crate::clock::wall_now_us(),
+                faults: cfg.source.faults,
+                duration: None,
+                speed: Speed::Factor(1.0),
+            };
+            execute(cfg, &config, Timing::Live, Sink::Mqtt, sim, false)
+        }
+        Command::Simulate(args) => {
+            let (cfg, path) = match &args.config {
+                Some(p) => match Config::load(p) {
+                    Ok(c) => (c, p.clone()),
+                    Err(e) => return config_failure(&e),
+                },
+                None => (
+                    Config::bench_default(),
+                    PathBuf::from("(built-in defaults)"),
+                ),
+            };
+            let sink = if args.stdout || cfg.mqtt.is_none() {
+                Sink::Stdout
+            } else {
+                Sink::Mqtt
+            };
+            let sim = SimSettings {
+                seed: args.seed.unwrap_or(cfg.source.seed),
+                start: args.start.unwrap_or_else(crate::clock::wall_now_us),
+                faults: args.faults || cfg.source.faults,
+                duration: args.duration,
+                speed: args.speed,
+            };
+            execute(cfg, &path, Timing::Data, sink, sim, args.duration.is_some())
+        }
+    }
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    tracing::error!("{e}");
+    eprintln!("redline-agent: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn execute(
+    config: Config,
+    path: &Path,
+    timing: Timing,
+    sink: Sink,
+    sim: SimSettings,
+    finite: bool,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("redline-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let session_id = if config.vehicle.session_id == "auto" {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        config.vehicle.session_id.clone()
+    };
+    let stats = Arc::new(Stats::new(config.field_names()));
+    tracing::info!(
+        "redline-agent {} starting: vehicle {}, session {session_id}, config {}, {} to {}",
+        env!("CARGO_PKG_VERSION"),
+        config.vehicle.id,
+        path.display(),
+        match timing {
+            Timing::Live => "live sampling",
+            Timing::Data => "simulated car",
+        },
+        match (sink, config.topic()) {
+            (Sink::Mqtt, Some(t)) => t,
+            _ => "stdout".to_string(),
+        }
+    );
+    let plan = Plan {
+        config,
+        session_id,
+        timing,
+        sink,
+        sim,
+    };
+    let result = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_signals(stop.clone()));
+        pipeline::run(plan, stats.clone(), stop).await
+    });
+    match result {
+        Ok(summary) => {
+            tracing::info!("summary: {}", stats.line());
+            if summary.unacked_batches > 0 {
+                tracing::warn!(
+                    "{} batch(es), {} reading(s) were not acknowledged by the broker",
+                    summary.unacked_batches,
+                    summary.unacked_records
+                );
+                if finite {
+                    return ExitCode::from(EXIT_UNDELIVERED);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => config_failure(&ConfigError {
+            file: path.display().to_string(),
+            key: e.key,
+            message: e.message,
+        }),
+    }
+}
+
+/// SIGTERM or SIGINT: stop sampling and drain. A second one exits at once.
+async fn watch_signals(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!(
+                "stop requested: closing the open batch and waiting for acknowledgements"
+            );
+            stop.cancel();
+        } else {
+            tracing::warn!("second stop request: exiting now");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! The TOML configuration: its layout, its defaults, and validation that names the key.
+
+use crate::units::{Dur, Size};
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// AWS IoT Core's largest message payload.
+pub const AWS_MAX_PAYLOAD: u64 = 128 * 1024;
+/// AWS IoT Core's largest batch the rule's batchMode accepts, and our cap on records per message.
+pub const MAX_RECORDS_PER_MESSAGE: usize = 500;
+/// AWS IoT Core's cap on unacknowledged QoS 1 publishes per connection.
+pub const AWS_MAX_INFLIGHT: u16 = 100;
+
+/// Keys the record always carries before the measured fields.
+const RESERVED_KEYS: [&str; 3] = ["vehicle_id", "timestamp", "session_id"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub vehicle: Vehicle,
+    #[serde(default)]
+    pub sampling: Sampling,
+    #[serde(default = "default_fields")]
+    pub fields: IndexMap<String, FieldSpec>,
+    #[serde(default)]
+    pub source: Source,
+    #[serde(default)]
+    pub batch: Batch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<Mqtt>,
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vehicle {
+    pub id: String,
+    #[serde(default = "default_session")]
+    pub session_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sampling {
+    pub rate_hz: u32,
+    pub stale_after: Dur,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            rate_hz: 10,
+            stale_after: Dur(Duration::from_millis(500)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    Float,
+    Int,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    pub min: f64,
+    pub max: f64,
+    /// Round float values to this many decimals (the sensor's resolution); none: as decoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decimals: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Simulator,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Source {
+    pub kind: SourceKind,
+    /// Simulator: the seed of the simulated car.
+    pub seed: u64,
+    /// Simulator: inject sensor faults (stuck, non-finite, out of range).
+    pub faults: bool,
+}
+
+impl Default for Source {
+    fn default() -> Self {
+        Self {
+            kind: SourceKind::Simulator,
+            seed: 1,
+            faults: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadMode {
+    Records,
+    Single,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Batch {
+    pub max_records: usize,
+    pub max_age: Dur,
+    pub max_bytes: Size,
+    pub payload: PayloadMode,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self {
+            max_records: 10,
+            max_age: Dur(Duration::from_secs(1)),
+            max_bytes: Size(AWS_MAX_PAYLOAD),
+            payload: PayloadMode::Records,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mqtt {
+    pub endpoint: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Dur,
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u16,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min: Dur,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: Dur,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    /// How long a stop waits for outstanding PUBACKs.
+    pub shutdown_timeout: Dur,
+    /// Batches kept in memory while the link is down (live sources; replay and simulation
+    /// wait instead).
+    pub memory_batches: usize,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: Dur(Duration::from_secs(5)),
+            memory_batches: 3600,
+        }
+    }
+}
+
+fn default_session() -> String {
+    "auto".into()
+}
+fn default_port() -> u16 {
+    8883
+}
+fn default_topic() -> String {
+    "redline/telemetry/{vehicle_id}".into()
+}
+fn default_keep_alive() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_inflight() -> u16 {
+    20
+}
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_reconnect_min() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_reconnect_max() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+
+/// The four fields of the documented record schema, with their physical ranges.
+pub fn default_fields() -> IndexMap<String, FieldSpec> {
+    let f = |ty, min, max| FieldSpec {
+        ty,
+        min,
+        max,
+        decimals: (ty == FieldType::Float).then_some(1),
+    };
+    IndexMap::from([
+        (
+            "brake_disc_temp_fl".to_string(),
+            f(FieldType::Float, -40.0, 1400.0),
+        ),
+        (
+            "brake_disc_temp_fr".to_string(),
+            f(FieldType::Float, -40.0, 1400.0),
+        ),
+        ("engine_rpm".to_string(), f(FieldType::Int, 0.0, 20000.0)),
+        (
+            "engine_oil_temp".to_string(),
+            f(FieldType::Float, -40.0, 200.0),
+        ),
+    ])
+}
+
+/// A configuration error: which file, which key, what was expected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "configuration error in {}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "configuration error in {}: key `{}`: {}",
+                self.file, self.key, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// The built-in configuration of `simulate` without `--config`: simulator, stdout.
+    pub fn bench_default() -> Self {
+        Self {
+            vehicle: Vehicle {
+                id: "GT3-RACER-01".into(),
+                session_id: default_session(),
+            },
+            sampling: Sampling::default(),
+            fields: default_fields(),
+            source: Source::default(),
+            batch: Batch::default(),
+            mqtt: None,
+            delivery: Delivery::default(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parses and validates `text`; `file` is used in error messages only.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let err = |key: String, message: String| ConfigError {
+            file: file.to_string(),
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            err(
+                String::new(),
+                format!("not valid TOML: {}", e.to_string().trim()),
+            )
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().to_string();
+            // serde reports an unknown key at its parent's path; name the key itself.
+            let key = match unknown_field_name(&msg) {
+                Some(name) if path == "." => name,
+                Some(name) if path.ends_with(&name) => path,
+                Some(name) => format!("{path}.{name}"),
+                None if path == "." => String::new(),
+                None => path,
+            };
+            let line = inner
+                .span()
+                .map(|s| format!(" (line {})", line_of(text, s.start)))
+                .unwrap_or_default();
+            err(key, format!("{msg}{line}"))
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| err(key, message))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let e = |key: &str, msg: String| Err((key.to_string(), msg));
+        if self.vehicle.id.is_empty() {
+            return e("vehicle.id", "must not be empty".into());
+        }
+        if self.vehicle.session_id.is_empty() {
+            return e(
+                "vehicle.session_id",
+                "must not be empty (use \"auto\" for a new UUID at each start)".into(),
+            );
+        }
+        if !(1..=1000).contains(&self.sampling.rate_hz) {
+            return e(
+                "sampling.rate_hz",
+                format!("expected 1 to 1000, got {}", self.sampling.rate_hz),
+            );
+        }
+        if self.sampling.stale_after.0.is_zero() {
+            return e("sampling.stale_after", "must be above zero".into());
+        }
+        if self.fields.is_empty() {
+            return e("fields", "at least one field is needed".into());
+        }
+        for (name, spec) in &self.fields {
+            let key = format!("fields.{name}");
+            let snake = name.starts_with(|c: char| c.is_ascii_lowercase())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !snake {
+                return e(
+                    &key,
+                    "field names must be lower-case snake_case (a-z, 0-9, _), as the Glue schema expects".into(),
+                );
+            }
+            if RESERVED_KEYS.contains(&name.as_str()) {
+                return e(&key, format!("`{name}` is a reserved record key"));
+            }
+            if spec.decimals.is_some_and(|d| d > 9) {
+                return e(&format!("{key}.decimals"), "expected 0 to 9".into());
+            }
+            if !(spec.min.is_finite() && spec.max.is_finite() && spec.min <= spec.max) {
+                return e(
+                    &key,
+                    format!(
+                        "expected finite min <= max, got min = {}, max = {}",
+                        spec.min, spec.max
+                    ),
+                );
+            }
+        }
+        let b = &self.batch;
+        if !(1..=MAX_RECORDS_PER_MESSAGE).contains(&b.max_records) {
+            return e(
+                "batch.max_records",
+                format!(
+                    "expected 1 to {MAX_RECORDS_PER_MESSAGE}, got {}",
+                    b.max_records
+                ),
+            );
+        }
+        if b.max_age.0.is_zero() {
+            return e("batch.max_age", "must be above zero".into());
+        }
+        if b.max_bytes.0 > AWS_MAX_PAYLOAD || b.max_bytes.0 < 1024 {
+            return e(
+                "batch.max_bytes",
+                format!(
+                    "expected 1KiB to 128KiB (AWS IoT's message limit), got {}",
+                    b.max_bytes
+                ),
+            );
+        }
+        if let Some(m) = &self.mqtt {
+            self.validate_mqtt(m)?;
+        }
+        if self.delivery.memory_batches == 0 {
+            return e("delivery.memory_batches", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn validate_mqtt(&self, m: &Mqtt) -> Result<(), (String, String)> {
+        let e = |key: &str, msg: String| Err((key.to_string(), msg));
+        if m.endpoint.is_empty() {
+            return e("mqtt.endpoint", "must not be empty".into());
+        }
+        let client_id = self.client_id();
+        if client_id.is_empty() || client_id.len() > 128 {
+            return e(
+                "mqtt.client_id",
+                format!(
+                    "expected 1 to 128 bytes (AWS IoT's limit), got {}",
+                    client_id.len()
+                ),
+            );
+        }
+        if let Err(msg) = expand_topic(&m.topic, &self.vehicle.id) {
+            return e("mqtt.topic", msg);
+        }
+        for (key, path) in [
+            ("mqtt.ca", &m.ca),
+            ("mqtt.cert", &m.cert),
+            ("mqtt.key", &m.key),
+        ] {
+            if let Err(err) = std::fs::File::open(path) {
+                return e(key, format!("cannot read {}: {err}", path.display()));
+            }
+        }
+        let ka = m.keep_alive.0;
+        if ka < Duration::from_secs(5) || ka > Duration::from_secs(1200) {
+            return e(
+                "mqtt.keep_alive",
+                format!(
+                    "expected 5s to 1200s (AWS IoT uses 30s to 1200s), got {}",
+                    humantime::format_duration(ka)
+                ),
+            );
+        }
+        if !(1..=AWS_MAX_INFLIGHT).contains(&m.max_inflight) {
+            return e(
+                "mqtt.max_inflight",
+                format!("expected 1 to {AWS_MAX_INFLIGHT}, got {}", m.max_inflight),
+            );
+        }
+        if m.connect_timeout.0 < Duration::from_secs(1) {
+            return e("mqtt.connect_timeout", "expected at least 1s".into());
+        }
+        if m.reconnect_min.0 < Duration::from_secs(1) {
+            return e(
+                "mqtt.reconnect_min",
+                "expected at least 1s (AWS IoT allows one CONNECT per second per client id)".into(),
+            );
+        }
+        if m.reconnect_max.0 < m.reconnect_min.0 {
+            return e(
+                "mqtt.reconnect_max",
+                "must not be below mqtt.reconnect_min".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn client_id(&self) -> String {
+        self.mqtt
+            .as_ref()
+            .and_then(|m| m.client_id.clone())
+            .unwrap_or_else(|| self.vehicle.id.clone())
+    }
+
+    /// The topic with its placeholders filled in. Valid after `validate`.
+    pub fn topic(&self) -> Option<String> {
+        let m = self.mqtt.as_ref()?;
+        expand_topic(&m.topic, &self.vehicle.id).ok()
+    }
+
+    pub fn field_names(&self) -> Vec<String> {
+        self.fields.keys().cloned().collect()
+    }
+
+    /// The effective configuration as TOML, as `check-config` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Fills `{vehicle_id}` into a topic template; any other placeholder is an error.
+pub fn expand_topic(template: &str, vehicle_id: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len() + vehicle_id.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `{{` in {template:?}"))?;
+        match &after[..close] {
+            "vehicle_id" => out.push_str(vehicle_id),
+            other => {
+                return Err(format!(
+                    "unknown placeholder `{{{other}}}` in {template:?}: the only placeholder is {{vehicle_id}}"
+                ));
+            }
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    if out.is_empty() || out.contains(['+', '#']) || out.starts_with('$') {
+        return Err(format!(
+            "{template:?} is not a topic one can publish to (empty, a wildcard, or reserved `$`)"
+        ));
+    }
+    Ok(out)
+}
+
+fn unknown_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml")
+    }
+
+    #[test]
+    fn minimal_config_has_documented_defaults() {
+        let c = parse("[vehicle]\nid = \"GT3\"\n").expect("valid");
+        assert_eq!(c.sampling.rate_hz, 10);
+        assert_eq!(c.batch.max_records, 10);
+        assert_eq!(c.batch.max_bytes.0, 131_072);
+        assert_eq!(
+            c.field_names(),
+            [
+                "brake_disc_temp_fl",
+                "brake_disc_temp_fr",
+                "engine_rpm",
+                "engine_oil_temp"
+            ]
+        );
+        assert_eq!(c.vehicle.session_id, "auto");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[vehicle]\nid = \"x\"\n[batch]\nfoo = 1\n").unwrap_err();
+        assert_eq!(e.key, "batch.foo");
+        assert_eq!(e.file, "test.toml");
+        let e = parse("[vehicle]\nid = \"x\"\n[nope]\n").unwrap_err();
+        assert_eq!(e.key, "nope");
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_line() {
+        let e = parse("[vehicle]\nid = \"x\"\n[sampling]\nrate_hz = \"ten\"\n").unwrap_err();
+        assert_eq!(e.key, "sampling.rate_hz");
+        assert!(e.message.contains("line 4"), "{e}");
+        let e = parse("[vehicle]\nid = \"x\"\n[batch]\nmax_age = \"soon\"\n").unwrap_err();
+        assert_eq!(e.key, "batch.max_age");
+        let e =
+            parse("[vehicle]\nid = \"x\"\n[fields]\nrpm = { type = \"bool\", min = 0, max = 1 }\n")
+                .unwrap_err();
+        assert_eq!(e.key, "fields.rpm.type");
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let base = "[vehicle]\nid = \"x\"\n";
+        for (extra, key) in [
+            ("[batch]\nmax_bytes = \"200KiB\"\n", "batch.max_bytes"),
+            ("[batch]\nmax_records = 501\n", "batch.max_records"),
+            ("[batch]\nmax_records = 0\n", "batch.max_records"),
+            ("[sampling]\nrate_hz = 0\n", "sampling.rate_hz"),
+            (
+                "[fields]\nEngineRPM = { type = \"int\", min = 0, max = 1 }\n",
+                "fields.EngineRPM",
+            ),
+            (
+                "[fields]\nx = { type = \"int\", min = 5, max = 1 }\n",
+                "fields.x",
+            ),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let e = parse("[vehicle\nid = 1").unwrap_err();
+        assert!(e.to_string().contains("test.toml"));
+        assert!(e.message.contains("line 1"), "{}", e.message);
+    }
+
+    #[test]
+    fn topic_placeholders() {
+        assert_eq!(
+            expand_topic("redline/telemetry/{vehicle_id}", "GT3").as_deref(),
+            Ok("redline/telemetry/GT3")
+        );
+        assert!(
+            expand_topic("x/{nope}", "GT3")
+                .unwrap_err()
+                .contains("{nope}")
+        );
+        assert!(expand_topic("x/{vehicle_id", "GT3").is_err());
+        assert!(expand_topic("x/+", "GT3").is_err());
+    }
+
+    #[test]
+    fn missing_cert_names_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").expect("write");
+        let text = format!(
+            "[vehicle]\nid = \"x\"\n[mqtt]\nendpoint = \"h\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            ca,
+            dir.path().join("nope.pem"),
+            ca
+        );
+        assert_eq!(parse(&text).unwrap_err().key, "mqtt.cert");
+    }
+}

@@ -1,0 +1,22 @@
+//! redline-agent: race-car telemetry from the ECU to AWS IoT Core.
+//!
+//! Data flows one way: `source` → `sampler` → `batch` → `publisher`; acknowledgements flow
+//! back once, through `delivery`.
+
+pub mod batch;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod link_error;
+pub mod logging;
+pub mod pipeline;
+pub mod publisher;
+pub mod record;
+pub mod sampler;
+pub mod signal;
+pub mod simulator;
+pub mod source;
+pub mod stats;
+pub mod tls;
+pub mod units;

@@ -1,0 +1,373 @@
+//! The MQTT stage: one connection (rumqttc + rustls), QoS 1, a bounded in-flight window,
+//! reconnection with jittered backoff, and every PUBACK tied back to its batch.
+//!
+//! Two tasks. The *link* task owns rumqttc's event loop and only polls it: a poll must never
+//! be cancelled half-way (it would drop a publish rumqttc already counts as sent, or a TLS
+//! handshake). The *publisher* task owns the bookkeeping and hands publishes to the client.
+//! After an error the link waits for the publisher to stop handing over publishes before it
+//! clears rumqttc's leftovers and reconnects, so packet ids always match the right message.
+
+use crate::batch::{self, Batch};
+use crate::config::{Config, PayloadMode};
+use crate::delivery::{Acked, Delivery};
+use crate::link_error::{self, Class, LinkError};
+use crate::stats::Stats;
+use rand::Rng;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What the link task reports, in the order rumqttc saw it.
+#[derive(Debug)]
+enum LinkEvent {
+    Connected,
+    Sent(u16),
+    PubAck(u16),
+    Disconnected(LinkError),
+    Closed,
+}
+
+pub struct PublisherSettings {
+    pub topic: String,
+    pub mode: PayloadMode,
+    pub window: usize,
+    pub shutdown_timeout: Duration,
+    pub endpoint: String,
+}
+
+/// How the publisher ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Batches never acknowledged (in flight, queued or still in the channel).
+    pub unacked_batches: u64,
+    pub unacked_records: u64,
+}
+
+/// Builds the client and its event loop from the configuration.
+pub fn connect_options(config: &Config) -> Result<(AsyncClient, EventLoop), (String, String)> {
+    let m = config.mqtt.as_ref().ok_or_else(|| {
+        (
+            "mqtt".to_string(),
+            "the [mqtt] table is required to publish (or use --stdout)".to_string(),
+        )
+    })?;
+    let tls = crate::tls::client_config(m)?;
+    let mut opts = MqttOptions::new(config.client_id(), m.endpoint.clone(), m.port);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )));
+    opts.set_keep_alive(m.keep_alive.0);
+    // AWS IoT keeps no session for clean sessions; we re-send from our own outbox anyway.
+    opts.set_clean_session(true);
+    // AWS IoT accepts 128 KiB payloads; leave room for the topic and the header.
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    opts.set_inflight(m.max_inflight);
+    opts.set_request_channel_capacity(usize::from(m.max_inflight) * 2 + 16);
+    let (client, mut eventloop) = AsyncClient::new(opts, usize::from(m.max_inflight) * 2 + 16);
+    let mut net = eventloop.network_options();
+    net.set_connection_timeout(m.connect_timeout.0.as_secs().max(1));
+    eventloop.set_network_options(net);
+    Ok((client, eventloop))
+}
+
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Exponential with "equal jitter": half the delay fixed, half random; never below `min`.
+    fn next(&mut self) -> Duration {
+        let exp = self.min.saturating_mul(1u32 << self.attempt.min(16));
+        let d = exp.min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = d / 2;
+        let jitter = rand::rng().random_range(0..=half.as_millis() as u64);
+        (half + Duration::from_millis(jitter)).max(self.min)
+    }
+}
+
+/// Polls the event loop for ever; the only owner of it.
+async fn link_task(
+    mut eventloop: EventLoop,
+    tx: mpsc::UnboundedSender<LinkEvent>,
+    mut resume: mpsc::Receiver<()>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+) {
+    let min_gap = backoff.min;
+    let mut last_connect: Option<Instant> = None;
+    let mut connected = false;
+    loop {
+        if !connected {
+            // Never more than one CONNECT per `reconnect_min` (AWS: one per second per client id).
+            if let Some(at) = last_connect {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at + min_gap) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            last_connect = Some(Instant::now());
+        }
+        let polled = tokio::select! {
+            r = eventloop.poll() => r,
+            _ = stop.cancelled() => return,
+        };
+        let event = match polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                backoff.attempt = 0;
+                LinkEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => LinkEvent::PubAck(ack.pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Sent(pkid),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                let _ = tx.send(LinkEvent::Closed);
+                return;
+            }
+            Ok(_) => continue,
+            Err(ConnectionError::RequestsDone) => {
+                let _ = tx.send(LinkEvent::Closed);
+                return;
+            }
+            Err(e) => {
+                connected = false;
+                // Acks read just before the error are real; other leftovers are dropped.
+                for ev in eventloop.state.events.drain(..) {
+                    if let Event::Incoming(Packet::PubAck(ack)) = ev {
+                        let _ = tx.send(LinkEvent::PubAck(ack.pkid));
+                    }
+                }
+                if tx
+                    .send(LinkEvent::Disconnected(link_error::classify(&e)))
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    r = resume.recv() => if r.is_none() { return },
+                    _ = stop.cancelled() => return,
+                }
+                // Publishes handed over since the error are in rumqttc's queues: drop them,
+                // the publisher has put them back in its own queue.
+                eventloop.clean();
+                eventloop.pending.clear();
+                let wait = backoff.next();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            }
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishes every batch from `input` and reports each fully acknowledged batch on `acks`.
+/// Ends when `input` is closed and everything is acknowledged, or `shutdown_timeout` after
+/// `stop` fires or `input` closes.
+pub async fn run(
+    config: &Config,
+    settings: PublisherSettings,
+    mut input: mpsc::Receiver<Batch>,
+    acks: Option<mpsc::UnboundedSender<Acked>>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) -> Result<Outcome, (String, String)> {
+    let (client, eventloop) = connect_options(config)?;
+    let m = config
+        .mqtt
+        .as_ref()
+        .ok_or_else(|| ("mqtt".to_string(), "missing".to_string()))?;
+    let backoff = Backoff {
+        min: m.reconnect_min.0,
+        max: m.reconnect_max.0,
+        attempt: 0,
+    };
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    let (resume_tx, resume_rx) = mpsc::channel(1);
+    let link_stop = CancellationToken::new();
+    let link = tokio::spawn(link_task(
+        eventloop,
+        link_tx,
+        resume_rx,
+        backoff,
+        link_stop.clone(),
+    ));
+
+    let mut delivery = Delivery::new(settings.window);
+    let mut connected = false;
+    let mut ever_connected = false;
+    let mut outage: Option<(Instant, Class, u32)> = None;
+    let mut input_done = false;
+    let mut deadline: Option<Instant> = None;
+    let mut completed = Vec::new();
+    let mut messages = Vec::new();
+
+    loop {
+        if connected {
+            while let Some(msg) = delivery.next_to_send() {
+                let len = msg.payload.len() as u64;
+                match client.try_publish(
+                    settings.topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    msg.payload,
+                ) {
+                    Ok(()) => {
+                        Stats::add(&stats.messages_published, 1);
+                        Stats::add(&stats.bytes_published, len);
+                    }
+                    Err(e) => {
+                        tracing::debug!("MQTT client queue full, retrying later: {e}");
+                        delivery.unsend_last();
+                        break;
+                    }
+                }
+            }
+        }
+        stats.inflight.store(
+            delivery.in_flight() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if input_done && delivery.is_idle() {
+            break;
+        }
+        if deadline.is_none() && stop.is_cancelled() {
+            deadline = Some(Instant::now() + settings.shutdown_timeout);
+        }
+        let want_input = !input_done && delivery.queued() == 0 && deadline.is_none();
+        tokio::select! {
+            ev = link_rx.recv() => match ev {
+                Some(LinkEvent::Connected) => {
+                    connected = true;
+                    if ever_connected {
+                        Stats::add(&stats.reconnects, 1);
+                    }
+                    match outage.take() {
+                        Some((since, _, attempts)) => tracing::info!(
+                            "connected to {} after {:.1}s and {attempts} failed attempt(s); re-sending {} unacknowledged message(s)",
+                            settings.endpoint, since.elapsed().as_secs_f64(), delivery.queued()
+                        ),
+                        None => tracing::info!("connected to {}", settings.endpoint),
+                    }
+                    ever_connected = true;
+                }
+                Some(LinkEvent::Sent(pkid)) => {
+                    if !delivery.on_sent(pkid) {
+                        tracing::warn!("publish with packet id {pkid} matches no message");
+                    }
+                }
+                Some(LinkEvent::PubAck(pkid)) => {
+                    Stats::add(&stats.pubacks, 1);
+                    if delivery.on_puback(pkid, &mut completed) {
+                        for a in completed.drain(..) {
+                            Stats::add(&stats.batches_acked, 1);
+                            Stats::add(&stats.readings_acked, a.records as u64);
+                            if let Some(tx) = &acks {
+                                let _ = tx.send(a);
+                            }
+                        }
+                    }
+                }
+                Some(LinkEvent::Disconnected(err)) => {
+                    connected = false;
+                    let requeued = delivery.in_flight();
+                    delivery.on_disconnect();
+                    Stats::add(&stats.republished, requeued as u64);
+                    report_failure(&mut outage, &err, &settings.endpoint, requeued);
+                    let _ = resume_tx.send(()).await;
+                }
+                Some(LinkEvent::Closed) | None => break,
+            },
+            b = input.recv(), if want_input => match b {
+                Some(b) => {
+                    messages.clear();
+                    batch::messages_for(&b, settings.mode, &mut messages);
+                    delivery.enqueue(b.seq, b.len(), std::mem::take(&mut messages));
+                }
+                None => {
+                    input_done = true;
+                    deadline.get_or_insert(Instant::now() + settings.shutdown_timeout);
+                }
+            },
+            _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                tracing::warn!(
+                    "stopping with {} batch(es) ({} readings) not acknowledged after {:?}",
+                    delivery.open_batches(), delivery.open_records(), settings.shutdown_timeout
+                );
+                break;
+            }
+            _ = stop.cancelled(), if deadline.is_none() => {}
+        }
+    }
+
+    let mut outcome = Outcome {
+        unacked_batches: delivery.open_batches() as u64,
+        unacked_records: delivery.open_records() as u64,
+    };
+    input.close();
+    while let Ok(b) = input.try_recv() {
+        outcome.unacked_batches += 1;
+        outcome.unacked_records += b.len() as u64;
+    }
+    // Say goodbye properly so the broker does not fire a last will.
+    if connected && client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(ev) = link_rx.recv().await {
+                if matches!(ev, LinkEvent::Closed) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    link_stop.cancel();
+    let _ = link.await;
+    Ok(outcome)
+}
+
+fn report_failure(
+    outage: &mut Option<(Instant, Class, u32)>,
+    err: &LinkError,
+    endpoint: &str,
+    requeued: usize,
+) {
+    match outage {
+        // Same kind of failure within the same outage: already told.
+        Some((_, class, attempts)) if *class == err.class => {
+            *attempts += 1;
+            tracing::debug!("still cannot reach {endpoint}: {err}");
+        }
+        _ => {
+            let attempts = outage.as_ref().map_or(0, |o| o.2) + 1;
+            let since = outage.as_ref().map_or_else(Instant::now, |o| o.0);
+            match err.class {
+                Class::Network => tracing::warn!(
+                    "link to {endpoint} down ({err}); {requeued} message(s) in flight will be re-sent; retrying with backoff"
+                ),
+                Class::Tls | Class::Refused => tracing::error!(
+                    "cannot connect to {endpoint}: {err}; retrying with backoff, this will not fix itself"
+                ),
+            }
+            *outage = Some((since, err.class, attempts));
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

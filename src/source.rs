@@ -1,0 +1,108 @@
+//! Sources: turn a wire (or a model) into `SourceEvent`s. Today the simulated car.
+
+use crate::config::Config;
+use crate::signal::{FieldId, Micros, SignalUpdate, SourceEvent};
+use crate::simulator::{Sensor, Simulator};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How fast simulated time runs against the wall clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Speed {
+    Factor(f64),
+    Max,
+}
+
+impl std::str::FromStr for Speed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "max" {
+            return Ok(Speed::Max);
+        }
+        match s.parse::<f64>() {
+            Ok(x) if x.is_finite() && x > 0.0 => Ok(Speed::Factor(x)),
+            _ => Err(format!("expected a positive number or `max`, got {s:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimSettings {
+    pub seed: u64,
+    pub start: Micros,
+    pub faults: bool,
+    pub duration: Option<Duration>,
+    pub speed: Speed,
+}
+
+/// Which configured field each simulated sensor feeds (sensors with no field are ignored).
+fn field_map(config: &Config) -> Vec<(Sensor, FieldId)> {
+    Sensor::ALL
+        .iter()
+        .filter_map(|&s| config.fields.get_index_of(s.name()).map(|f| (s, f)))
+        .collect()
+}
+
+/// Runs the simulated car and sends its sensor values; ends at the end of the duration or
+/// when `stop` fires, with a last `Clock` event so the sampler takes every tick before it.
+pub async fn simulator(
+    config: &Config,
+    settings: SimSettings,
+    tx: mpsc::Sender<SourceEvent>,
+    stop: CancellationToken,
+) {
+    let map = field_map(config);
+    let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
+    let end = settings
+        .duration
+        .map(|d| settings.start + d.as_micros() as Micros);
+    let wall_start = Instant::now();
+    let mut updates = Vec::new();
+    if tx.send(SourceEvent::Clock(settings.start)).await.is_err() {
+        return;
+    }
+    let mut steps: u64 = 0;
+    loop {
+        if stop.is_cancelled() {
+            let _ = tx.send(SourceEvent::Clock(sim.now())).await;
+            return;
+        }
+        updates.clear();
+        let now = sim.step(&mut updates);
+        for u in &updates {
+            if end.is_some_and(|e| u.at >= e) {
+                continue;
+            }
+            if let Some(&(_, field)) = map.iter().find(|(s, _)| *s == u.sensor) {
+                let ev = SourceEvent::Update(SignalUpdate {
+                    field,
+                    value: u.value,
+                    at: u.at,
+                });
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if let Some(e) = end
+            && now >= e
+        {
+            let _ = tx.send(SourceEvent::Clock(e)).await;
+            return;
+        }
+        steps += 1;
+        // Pace every 50 ms of simulated time: quiet enough, smooth enough.
+        if let Speed::Factor(x) = settings.speed
+            && steps.is_multiple_of(5)
+        {
+            let sim_elapsed = Duration::from_micros((now - settings.start).max(0) as u64);
+            let target = wall_start + sim_elapsed.div_f64(x);
+            tokio::select! {
+                _ = tokio::time::sleep_until(target) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Counters every stage updates, read by the periodic stats line and the exit summary.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a field of a reading is `null`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NullReason {
+    Missing,
+    Stale,
+    NonFinite,
+    OutOfRange,
+}
+
+impl NullReason {
+    pub const ALL: [NullReason; 4] = [
+        NullReason::Missing,
+        NullReason::Stale,
+        NullReason::NonFinite,
+        NullReason::OutOfRange,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NullReason::Missing => "missing",
+            NullReason::Stale => "stale",
+            NullReason::NonFinite => "non_finite",
+            NullReason::OutOfRange => "out_of_range",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    field_names: Vec<String>,
+    nulls: Vec<[AtomicU64; 4]>,
+    pub readings: AtomicU64,
+    pub ticks_missed: AtomicU64,
+    pub batches: AtomicU64,
+    pub batches_dropped: AtomicU64,
+    pub readings_dropped: AtomicU64,
+    pub messages_published: AtomicU64,
+    pub bytes_published: AtomicU64,
+    pub pubacks: AtomicU64,
+    pub batches_acked: AtomicU64,
+    pub readings_acked: AtomicU64,
+    pub republished: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub inflight: AtomicU64,
+    pub connected: AtomicU64,
+}
+
+impl Stats {
+    pub fn new(field_names: Vec<String>) -> Self {
+        let nulls = field_names.iter().map(|_| Default::default()).collect();
+        Self {
+            field_names,
+            nulls,
+            ..Default::default()
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Relaxed)
+    }
+
+    pub fn null(&self, field: usize, reason: NullReason) {
+        if let Some(row) = self.nulls.get(field) {
+            row[reason as usize].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn nulls(&self, field: usize, reason: NullReason) -> u64 {
+        self.nulls
+            .get(field)
+            .map_or(0, |row| row[reason as usize].load(Relaxed))
+    }
+
+    /// One line with every counter, for the log.
+    pub fn line(&self) -> String {
+        let g = Self::get;
+        let mut s = format!(
+            "readings={} ticks_missed={} batches={} published={} bytes={} pubacks={} \
+             acked_readings={} republished={} reconnects={} inflight={} dropped_readings={}",
+            g(&self.readings),
+            g(&self.ticks_missed),
+            g(&self.batches),
+            g(&self.messages_published),
+            g(&self.bytes_published),
+            g(&self.pubacks),
+            g(&self.readings_acked),
+            g(&self.republished),
+            g(&self.reconnects),
+            g(&self.inflight),
+            g(&self.readings_dropped),
+        );
+        let mut nulls = String::new();
+        for (i, name) in self.field_names.iter().enumerate() {
+            for reason in NullReason::ALL {
+                let n = self.nulls(i, reason);
+                if n > 0 {
+                    let _ = write!(nulls, " {name}.{}={n}", reason.name());
+                }
+            }
+        }
+        if !nulls.is_empty() {
+            let _ = write!(s, " nulls:{nulls}");
+        }
+        s
+    }
+}
