@@ -53,6 +53,10 @@ pub enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Do not check the files it names (certificates, key): for a config whose
+        /// certificates are not installed yet.
+        #[arg(long)]
+        no_files: bool,
     },
 }
 
@@ -95,7 +99,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::logging::init(cli.log_format);
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config, no_files } => match Config::load(&config).and_then(|c| {
+            if !no_files {
+                c.check_files(&config.display().to_string())?;
+            }
+            Ok(c)
+        }) {
             Ok(c) => {
                 print!("{}", c.to_toml());
                 eprintln!("{}: configuration is valid", config.display());
@@ -146,7 +155,6 @@ pub fn main() -> ExitCode {
 }
 
 fn config_failure(e: &ConfigError) -> ExitCode {
-    tracing::error!("{e}");
     eprintln!("redline-agent: {e}");
     ExitCode::from(EXIT_CONFIG)
 }

@@ -275,11 +275,18 @@ impl Config {
             key: String::new(),
             message: format!("cannot read the file: {e}"),
         })?;
-        Self::parse(&text, &file)
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse_in(&text, &file, base)
     }
 
     /// Parses and validates `text`; `file` is used in error messages only.
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        Self::parse_in(text, file, Path::new("."))
+    }
+
+    /// As `parse`, with relative file paths in the config taken from `base` (the config
+    /// file's directory).
+    pub fn parse_in(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
         let err = |key: String, message: String| ConfigError {
             file: file.to_string(),
             key,
@@ -291,7 +298,7 @@ impl Config {
                 format!("not valid TOML: {}", e.to_string().trim()),
             )
         })?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let msg = inner.message().to_string();
@@ -309,6 +316,13 @@ impl Config {
                 .unwrap_or_default();
             err(key, format!("{msg}{line}"))
         })?;
+        if let Some(m) = &mut config.mqtt {
+            for p in [&mut m.ca, &mut m.cert, &mut m.key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         config
             .validate()
             .map_err(|(key, message)| err(key, message))?;
@@ -415,15 +429,6 @@ impl Config {
         if let Err(msg) = expand_topic(&m.topic, &self.vehicle.id) {
             return e("mqtt.topic", msg);
         }
-        for (key, path) in [
-            ("mqtt.ca", &m.ca),
-            ("mqtt.cert", &m.cert),
-            ("mqtt.key", &m.key),
-        ] {
-            if let Err(err) = std::fs::File::open(path) {
-                return e(key, format!("cannot read {}: {err}", path.display()));
-            }
-        }
         let ka = m.keep_alive.0;
         if ka < Duration::from_secs(5) || ka > Duration::from_secs(1200) {
             return e(
@@ -456,6 +461,23 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Checks the files the configuration names (certificates, key): readable and usable.
+    /// Separate from parsing so a config can be checked before its certificates are installed.
+    pub fn check_files(&self, file: &str) -> Result<(), ConfigError> {
+        let Some(m) = &self.mqtt else { return Ok(()) };
+        let err = |key: &str, message: String| ConfigError {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        for (key, path) in [("mqtt.ca", &m.ca), ("mqtt.cert", &m.cert), ("mqtt.key", &m.key)] {
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(err(key, format!("cannot read {}: {e}", path.display())));
+            }
+        }
+        crate::tls::client_config(m).map(|_| ()).map_err(|(key, msg)| err(&key, msg))
     }
 
     pub fn client_id(&self) -> String {
@@ -622,6 +644,7 @@ mod tests {
             dir.path().join("nope.pem"),
             ca
         );
-        assert_eq!(parse(&text).unwrap_err().key, "mqtt.cert");
+        let config = parse(&text).expect("valid apart from its files");
+        assert_eq!(config.check_files("test.toml").unwrap_err().key, "mqtt.cert");
     }
 }

@@ -49,31 +49,42 @@ pub fn classify(e: &ConnectionError) -> LinkError {
                      and that its policy allows iot:Connect for this mqtt.client_id and iot:Publish on mqtt.topic",
         };
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return tls_error(tls);
-        }
-        if let Some(tls) = err.downcast_ref::<rumqttc::TlsError>() {
-            match tls {
-                rumqttc::TlsError::TLS(t) => return tls_error(t),
-                rumqttc::TlsError::Io(_) => {}
-                other => {
-                    return LinkError {
-                        class: Class::Tls,
-                        detail: format!("TLS set-up failed: {other}"),
-                        advice: "check mqtt.endpoint, mqtt.ca, mqtt.cert and mqtt.key",
-                    };
-                }
-            }
-        }
-        source = err.source();
+    if let Some(tls) = find_tls(e) {
+        return tls;
     }
     LinkError {
         class: Class::Network,
         detail: format!("connection lost or not possible: {e}"),
         advice: "",
     }
+}
+
+/// Looks through the error chain for a TLS failure. `io::Error::source` skips the error it
+/// wraps, so wrapped errors are opened with `get_ref` as well.
+fn find_tls(e: &(dyn std::error::Error + 'static)) -> Option<LinkError> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls_error(tls));
+    }
+    if let Some(rumqttc::TlsError::TLS(t)) = e.downcast_ref::<rumqttc::TlsError>() {
+        return Some(tls_error(t));
+    }
+    if let Some(other @ (rumqttc::TlsError::NoValidCertInChain
+    | rumqttc::TlsError::NoValidClientCertInChain
+    | rumqttc::TlsError::NoValidKeyInChain
+    | rumqttc::TlsError::DNSName(_))) = e.downcast_ref::<rumqttc::TlsError>()
+    {
+        return Some(LinkError {
+            class: Class::Tls,
+            detail: format!("TLS set-up failed: {other}"),
+            advice: "check mqtt.endpoint, mqtt.ca, mqtt.cert and mqtt.key",
+        });
+    }
+    if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
+        && let Some(found) = find_tls(inner)
+    {
+        return Some(found);
+    }
+    e.source().and_then(find_tls)
 }
 
 fn tls_error(e: &rustls::Error) -> LinkError {

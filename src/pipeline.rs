@@ -65,15 +65,16 @@ pub async fn run(
         sim,
     } = plan;
     let period = 1_000_000 / i64::from(config.sampling.rate_hz);
-    // In data time the channels are short (backpressure slows the simulation instead of
-    // losing data); live, the batch channel is the memory buffer for a link outage.
+    // In data time the publisher holds few batches (backpressure slows the simulation
+    // instead of losing data); live, its queue is the memory buffer for a link outage.
     let batch_cap = match timing {
         Timing::Data => 8,
         Timing::Live => config.delivery.memory_batches,
     };
+    let batch_chan = 8;
     let (src_tx, src_rx) = mpsc::channel::<SourceEvent>(1024);
     let (reading_tx, reading_rx) = mpsc::channel::<Reading>(256);
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(batch_cap);
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(batch_chan);
 
     // The publisher is built first: a TLS or key problem stops the start, before sampling.
     let publisher = match sink {
@@ -92,9 +93,8 @@ pub async fn run(
                 window: usize::from(m.max_inflight),
                 shutdown_timeout: config.delivery.shutdown_timeout.0,
                 endpoint: format!("{}:{}", m.endpoint, m.port),
+                max_queued_batches: batch_cap,
             };
-            // Validate TLS material now so a bad key is a start error, not a retry loop.
-            crate::tls::client_config(m).map_err(|(key, message)| StartError { key, message })?;
             let config = config.clone();
             let stats = stats.clone();
             let stop = stop.clone();

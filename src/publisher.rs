@@ -39,6 +39,8 @@ pub struct PublisherSettings {
     pub window: usize,
     pub shutdown_timeout: Duration,
     pub endpoint: String,
+    /// Batches held in memory at most; beyond it the input channel fills and pushes back.
+    pub max_queued_batches: usize,
 }
 
 /// How the publisher ended.
@@ -246,7 +248,7 @@ pub async fn run(
         if deadline.is_none() && stop.is_cancelled() {
             deadline = Some(Instant::now() + settings.shutdown_timeout);
         }
-        let want_input = !input_done && delivery.queued() == 0 && deadline.is_none();
+        let want_input = !input_done && delivery.open_batches() < settings.max_queued_batches;
         tokio::select! {
             ev = link_rx.recv() => match ev {
                 Some(LinkEvent::Connected) => {
@@ -256,7 +258,7 @@ pub async fn run(
                     }
                     match outage.take() {
                         Some((since, _, attempts)) => tracing::info!(
-                            "connected to {} after {:.1}s and {attempts} failed attempt(s); re-sending {} unacknowledged message(s)",
+                            "connected to {} after {:.1}s and {attempts} failed attempt(s); {} message(s) waiting",
                             settings.endpoint, since.elapsed().as_secs_f64(), delivery.queued()
                         ),
                         None => tracing::info!("connected to {}", settings.endpoint),
@@ -281,11 +283,11 @@ pub async fn run(
                     }
                 }
                 Some(LinkEvent::Disconnected(err)) => {
-                    connected = false;
                     let requeued = delivery.in_flight();
                     delivery.on_disconnect();
                     Stats::add(&stats.republished, requeued as u64);
-                    report_failure(&mut outage, &err, &settings.endpoint, requeued);
+                    report_failure(&mut outage, &err, &settings.endpoint, connected.then_some(requeued));
+                    connected = false;
                     let _ = resume_tx.send(()).await;
                 }
                 Some(LinkEvent::Closed) | None => break,
@@ -341,7 +343,7 @@ fn report_failure(
     outage: &mut Option<(Instant, Class, u32)>,
     err: &LinkError,
     endpoint: &str,
-    requeued: usize,
+    requeued: Option<usize>,
 ) {
     match outage {
         // Same kind of failure within the same outage: already told.
@@ -352,11 +354,14 @@ fn report_failure(
         _ => {
             let attempts = outage.as_ref().map_or(0, |o| o.2) + 1;
             let since = outage.as_ref().map_or_else(Instant::now, |o| o.0);
-            match err.class {
-                Class::Network => tracing::warn!(
-                    "link to {endpoint} down ({err}); {requeued} message(s) in flight will be re-sent; retrying with backoff"
+            match (err.class, requeued) {
+                (Class::Network, Some(n)) => tracing::warn!(
+                    "link to {endpoint} lost ({err}); {n} message(s) in flight will be re-sent; reconnecting with backoff"
                 ),
-                Class::Tls | Class::Refused => tracing::error!(
+                (Class::Network, None) => tracing::warn!(
+                    "cannot reach {endpoint} ({err}); retrying with backoff"
+                ),
+                (Class::Tls | Class::Refused, _) => tracing::error!(
                     "cannot connect to {endpoint}: {err}; retrying with backoff, this will not fix itself"
                 ),
             }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (when run as root on Debian/Ubuntu), then
+# checks formatting and lints and runs every test. Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v mosquitto >/dev/null || need_pkgs+=(mosquitto)
+command -v mosquitto_sub >/dev/null || need_pkgs+=(mosquitto-clients)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -q -o DPkg::Lock::Timeout=600 update
+    apt-get -q -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${need_pkgs[@]}"
+  else
+    echo "missing: ${need_pkgs[*]}: run 'sudo apt-get install -y ${need_pkgs[*]}' (or run this script as root)" >&2
+    exit 1
+  fi
+fi
+# The Debian package may start its own broker on 1883; the tests use their own ports.
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked --all-targets
