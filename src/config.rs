@@ -472,12 +472,18 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        for (key, path) in [("mqtt.ca", &m.ca), ("mqtt.cert", &m.cert), ("mqtt.key", &m.key)] {
+        for (key, path) in [
+            ("mqtt.ca", &m.ca),
+            ("mqtt.cert", &m.cert),
+            ("mqtt.key", &m.key),
+        ] {
             if let Err(e) = std::fs::File::open(path) {
                 return Err(err(key, format!("cannot read {}: {e}", path.display())));
             }
         }
-        crate::tls::client_config(m).map(|_| ()).map_err(|(key, msg)| err(&key, msg))
+        crate::tls::client_config(m)
+            .map(|_| ())
+            .map_err(|(key, msg)| err(&key, msg))
     }
 
     pub fn client_id(&self) -> String {
@@ -645,6 +651,9 @@ mod tests {
             ca
         );
         let config = parse(&text).expect("valid apart from its files");
-        assert_eq!(config.check_files("test.toml").unwrap_err().key, "mqtt.cert");
+        assert_eq!(
+            config.check_files("test.toml").unwrap_err().key,
+            "mqtt.cert"
+        );
     }
 }

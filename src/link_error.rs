@@ -68,10 +68,12 @@ fn find_tls(e: &(dyn std::error::Error + 'static)) -> Option<LinkError> {
     if let Some(rumqttc::TlsError::TLS(t)) = e.downcast_ref::<rumqttc::TlsError>() {
         return Some(tls_error(t));
     }
-    if let Some(other @ (rumqttc::TlsError::NoValidCertInChain
-    | rumqttc::TlsError::NoValidClientCertInChain
-    | rumqttc::TlsError::NoValidKeyInChain
-    | rumqttc::TlsError::DNSName(_))) = e.downcast_ref::<rumqttc::TlsError>()
+    if let Some(
+        other @ (rumqttc::TlsError::NoValidCertInChain
+        | rumqttc::TlsError::NoValidClientCertInChain
+        | rumqttc::TlsError::NoValidKeyInChain
+        | rumqttc::TlsError::DNSName(_)),
+    ) = e.downcast_ref::<rumqttc::TlsError>()
     {
         return Some(LinkError {
             class: Class::Tls,
@@ -79,7 +81,9 @@ fn find_tls(e: &(dyn std::error::Error + 'static)) -> Option<LinkError> {
             advice: "check mqtt.endpoint, mqtt.ca, mqtt.cert and mqtt.key",
         });
     }
-    if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
         && let Some(found) = find_tls(inner)
     {
         return Some(found);

@@ -358,9 +358,9 @@ fn report_failure(
                 (Class::Network, Some(n)) => tracing::warn!(
                     "link to {endpoint} lost ({err}); {n} message(s) in flight will be re-sent; reconnecting with backoff"
                 ),
-                (Class::Network, None) => tracing::warn!(
-                    "cannot reach {endpoint} ({err}); retrying with backoff"
-                ),
+                (Class::Network, None) => {
+                    tracing::warn!("cannot reach {endpoint} ({err}); retrying with backoff")
+                }
                 (Class::Tls | Class::Refused, _) => tracing::error!(
                     "cannot connect to {endpoint}: {err}; retrying with backoff, this will not fix itself"
                 ),
