@@ -58,6 +58,29 @@ pub enum Command {
         #[arg(long)]
         no_files: bool,
     },
+    /// Inspect the disk spool (works while the daemon is stopped).
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SpoolCommand {
+    /// Segments, bytes, unacknowledged readings, their time span, and damage seen.
+    Stats {
+        /// Configuration file (for `spool.dir`).
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Every unacknowledged record as one JSON line on stdout (to recover data from a
+    /// pulled SD card).
+    Export {
+        /// Configuration file (for `spool.dir`).
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Read this spool directory instead of the configured one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -112,6 +135,7 @@ pub fn main() -> ExitCode {
             }
             Err(e) => config_failure(&e),
         },
+        Command::Spool(cmd) => spool_command(cmd),
         Command::Run { config } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -167,6 +191,11 @@ fn execute(
     sim: SimSettings,
     finite: bool,
 ) -> ExitCode {
+    if sink == Sink::Mqtt
+        && let Err(e) = config.check_files(&path.display().to_string())
+    {
+        return config_failure(&e);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -197,26 +226,52 @@ fn execute(
             _ => "stdout".to_string(),
         }
     );
+    // `simulate` without a [spool] table gets a spool of its own that ends with the run.
+    let mut _temporary = None;
+    let spool = match (&config.spool, timing) {
+        (Some(sp), _) => sp.clone(),
+        (None, Timing::Live) => crate::config::Spool::default(),
+        (None, Timing::Data) => {
+            let dir = match tempfile::Builder::new().prefix("redline-spool-").tempdir() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("redline-agent: cannot make a temporary spool: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let sp = crate::config::Spool {
+                dir: dir.path().to_path_buf(),
+                ..Default::default()
+            };
+            _temporary = Some(dir);
+            sp
+        }
+    };
     let plan = Plan {
         config,
         session_id,
         timing,
         sink,
         sim,
+        spool: crate::spool::Options {
+            dir: spool.dir,
+            segment_bytes: spool.segment_bytes.0,
+            max_bytes: spool.max_bytes.0,
+        },
     };
+    let spool_stats = Arc::new(crate::spool::SpoolStats::default());
     let result = runtime.block_on(async {
         let stop = CancellationToken::new();
         tokio::spawn(watch_signals(stop.clone()));
-        pipeline::run(plan, stats.clone(), stop).await
+        pipeline::run(plan, stats.clone(), spool_stats.clone(), stop).await
     });
     match result {
         Ok(summary) => {
             tracing::info!("summary: {}", stats.line());
             if summary.unacked_batches > 0 {
                 tracing::warn!(
-                    "{} batch(es), {} reading(s) were not acknowledged by the broker",
+                    "{} batch(es) not acknowledged by the broker yet",
                     summary.unacked_batches,
-                    summary.unacked_records
                 );
                 if finite {
                     return ExitCode::from(EXIT_UNDELIVERED);
@@ -230,6 +285,66 @@ fn execute(
             message: e.message,
         }),
     }
+}
+
+fn spool_command(cmd: SpoolCommand) -> ExitCode {
+    let (config, dir_override) = match &cmd {
+        SpoolCommand::Stats { config } => (config, None),
+        SpoolCommand::Export { config, dir } => (config, dir.clone()),
+    };
+    let dir = match dir_override {
+        Some(d) => d,
+        None => match Config::load(config) {
+            Ok(c) => c.spool.unwrap_or_default().dir,
+            Err(e) => return config_failure(&e),
+        },
+    };
+    let result = match cmd {
+        SpoolCommand::Stats { .. } => crate::spool::inspect::stats(&dir).map(|r| {
+            let ms = |t: Option<i64>| t.map_or_else(|| "-".to_string(), format_ms);
+            println!("spool:              {}", dir.display());
+            println!("segments:           {}", r.segments);
+            println!("bytes:              {}", r.bytes);
+            println!("unacked batches:    {}", r.unacked_batches);
+            println!("unacked readings:   {}", r.unacked_readings);
+            println!("oldest unacked:     {}", ms(r.oldest_ms));
+            println!("newest unacked:     {}", ms(r.newest_ms));
+            println!("damaged segments:   {}", r.damaged_segments);
+            println!("corrupt copies:     {}", r.corrupt_copies);
+        }),
+        SpoolCommand::Export { .. } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            crate::spool::inspect::export(&dir, &mut out).map(|r| {
+                eprintln!(
+                    "exported {} reading(s) in {} batch(es) from {}",
+                    r.unacked_readings,
+                    r.unacked_batches,
+                    dir.display()
+                );
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "redline-agent: cannot read the spool {}: {e}",
+                dir.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or_else(|| format!("{ms} ms"), |t| format!("{t} ({ms})"))
 }
 
 /// SIGTERM or SIGINT: stop sampling and drain. A second one exits at once.

@@ -33,6 +33,70 @@ pub struct Config {
     pub mqtt: Option<Mqtt>,
     #[serde(default)]
     pub delivery: Delivery,
+    /// `None`: not in the file. `run` then uses the defaults; `simulate` a temporary spool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool: Option<Spool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Spool {
+    pub dir: PathBuf,
+    pub max_bytes: Size,
+    pub segment_bytes: Size,
+    pub sync_interval: SyncInterval,
+}
+
+impl Default for Spool {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/redline-agent/spool"),
+            max_bytes: Size(1 << 30),
+            segment_bytes: Size(8 << 20),
+            sync_interval: SyncInterval::Every(Dur(Duration::from_secs(1))),
+        }
+    }
+}
+
+/// `"always"` (sync after every batch) or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncInterval {
+    Always,
+    Every(Dur),
+}
+
+impl<'de> Deserialize<'de> for SyncInterval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "always" {
+            return Ok(SyncInterval::Always);
+        }
+        humantime::parse_duration(&s)
+            .map(|d| SyncInterval::Every(Dur(d)))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "expected \"always\" or a duration such as \"1s\", got {s:?} ({e})"
+                ))
+            })
+    }
+}
+
+impl Serialize for SyncInterval {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SyncInterval::Always => s.serialize_str("always"),
+            SyncInterval::Every(d) => d.serialize(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    /// New batches go out as they are made; the backlog drains in the remaining budget.
+    LiveFirst,
+    /// Strictly oldest first.
+    Fifo,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,9 +227,13 @@ pub struct Mqtt {
 pub struct Delivery {
     /// How long a stop waits for outstanding PUBACKs.
     pub shutdown_timeout: Dur,
-    /// Batches kept in memory while the link is down (live sources; replay and simulation
-    /// wait instead).
+    /// Batches kept in memory while the spool cannot be written.
     pub memory_batches: usize,
+    pub order: Order,
+    /// 0: no limit (a local broker). AWS IoT allows 100 per connection.
+    pub max_publish_per_sec: u32,
+    /// 0: no limit. AWS IoT allows 512 KiB/s per connection.
+    pub max_bytes_per_sec: Size,
 }
 
 impl Default for Delivery {
@@ -173,6 +241,9 @@ impl Default for Delivery {
         Self {
             shutdown_timeout: Dur(Duration::from_secs(5)),
             memory_batches: 3600,
+            order: Order::LiveFirst,
+            max_publish_per_sec: 50,
+            max_bytes_per_sec: Size(256 * 1024),
         }
     }
 }
@@ -265,6 +336,7 @@ impl Config {
             batch: Batch::default(),
             mqtt: None,
             delivery: Delivery::default(),
+            spool: None,
         }
     }
 
@@ -322,6 +394,11 @@ impl Config {
                     *p = base.join(&*p);
                 }
             }
+        }
+        if let Some(sp) = &mut config.spool
+            && sp.dir.is_relative()
+        {
+            sp.dir = base.join(&sp.dir);
         }
         config
             .validate()
@@ -407,6 +484,44 @@ impl Config {
         }
         if self.delivery.memory_batches == 0 {
             return e("delivery.memory_batches", "must be at least 1".into());
+        }
+        if self.delivery.max_publish_per_sec > u32::from(AWS_MAX_INFLIGHT) {
+            return e(
+                "delivery.max_publish_per_sec",
+                format!(
+                    "expected 0 (no limit) to 100 (AWS IoT's limit per connection), got {}",
+                    self.delivery.max_publish_per_sec
+                ),
+            );
+        }
+        if self.delivery.max_bytes_per_sec.0 > 512 * 1024 {
+            return e(
+                "delivery.max_bytes_per_sec",
+                format!(
+                    "expected 0 (no limit) to 512KiB (AWS IoT's limit per connection), got {}",
+                    self.delivery.max_bytes_per_sec
+                ),
+            );
+        }
+        if let Some(sp) = &self.spool {
+            if sp.segment_bytes.0 < 64 * 1024 {
+                return e("spool.segment_bytes", "expected at least 64KiB".into());
+            }
+            if sp.max_bytes.0 < 2 * sp.segment_bytes.0 {
+                return e(
+                    "spool.max_bytes",
+                    format!(
+                        "expected at least twice spool.segment_bytes ({}), got {}",
+                        sp.segment_bytes, sp.max_bytes
+                    ),
+                );
+            }
+            if sp.sync_interval == SyncInterval::Every(Dur(Duration::ZERO)) {
+                return e(
+                    "spool.sync_interval",
+                    "must be above zero (or \"always\")".into(),
+                );
+            }
         }
         Ok(())
     }

@@ -44,7 +44,16 @@ impl Delivery {
 
     /// Queues the messages of one batch.
     pub fn enqueue(&mut self, seq: u64, records: usize, messages: Vec<Message>) {
-        self.open.insert(seq, (messages.len(), records));
+        self.enqueue_many(&[(seq, records)], messages);
+    }
+
+    /// Queues messages carrying the given batches (`(seq, records)`), whether one batch
+    /// spans many messages or one message carries many batches.
+    pub fn enqueue_many(&mut self, batches: &[(u64, usize)], messages: Vec<Message>) {
+        for &(seq, records) in batches {
+            let parts = messages.iter().filter(|m| m.batches.contains(&seq)).count();
+            self.open.insert(seq, (parts, records));
+        }
         self.queue.extend(messages);
     }
 
@@ -59,6 +68,14 @@ impl Delivery {
             pkid: None,
         });
         Some(msg)
+    }
+
+    /// The size of the message `next_to_send` would return, if the window has room.
+    pub fn next_len(&self) -> Option<usize> {
+        if self.sent.len() >= self.window {
+            return None;
+        }
+        self.queue.front().map(|m| m.payload.len())
     }
 
     /// The client refused the last message handed over: queue it again.
@@ -167,6 +184,23 @@ mod tests {
         );
         assert!(d.on_puback(7, &mut done));
         assert_eq!(done[1], Acked { seq: 0, records: 1 });
+        assert!(d.is_idle());
+    }
+
+    #[test]
+    fn a_coalesced_message_acknowledges_every_batch_it_carries() {
+        let mut d = Delivery::new(10);
+        let m = Message {
+            payload: bytes::Bytes::from_static(b"x"),
+            records: 30,
+            batches: vec![4, 5, 6],
+        };
+        d.enqueue_many(&[(4, 10), (5, 10), (6, 10)], vec![m]);
+        d.next_to_send();
+        d.on_sent(1);
+        let mut done = Vec::new();
+        d.on_puback(1, &mut done);
+        assert_eq!(done.iter().map(|a| a.seq).collect::<Vec<_>>(), [4, 5, 6]);
         assert!(d.is_idle());
     }
 

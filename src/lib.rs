@@ -17,6 +17,7 @@ pub mod sampler;
 pub mod signal;
 pub mod simulator;
 pub mod source;
+pub mod spool;
 pub mod stats;
 pub mod tls;
 pub mod units;

@@ -4,11 +4,13 @@
 use crate::batch::{self, Batch, Batcher, Limits};
 use crate::clock::LiveClock;
 use crate::config::Config;
-use crate::publisher::{self, PublisherSettings};
+use crate::config::SyncInterval;
+use crate::publisher::{self, Inputs, PublisherSettings};
 use crate::record::{Reading, RecordEncoder};
 use crate::sampler::{DataClock, Sampler};
 use crate::signal::{Micros, SourceEvent};
 use crate::source::{self, SimSettings};
+use crate::spool::{self, Cmd, SpoolStats};
 use crate::stats::Stats;
 use std::io::Write;
 use std::sync::Arc;
@@ -37,12 +39,14 @@ pub struct Plan {
     pub timing: Timing,
     pub sink: Sink,
     pub sim: SimSettings,
+    /// Where the spool lives (publishing only).
+    pub spool: spool::Options,
 }
 
 #[derive(Debug, Default)]
 pub struct Summary {
+    /// Batches the broker never acknowledged; they stay in the spool.
     pub unacked_batches: u64,
-    pub unacked_records: u64,
 }
 
 /// An error that stops the agent before it runs: a config key and what is wrong with it.
@@ -52,9 +56,16 @@ pub struct StartError {
     pub message: String,
 }
 
+/// Where closed batches go.
+enum BatchOut {
+    Stdout(mpsc::Sender<Batch>),
+    Spool(std::sync::mpsc::Sender<Cmd>),
+}
+
 pub async fn run(
     plan: Plan,
     stats: Arc<Stats>,
+    spool_stats: Arc<SpoolStats>,
     stop: CancellationToken,
 ) -> Result<Summary, StartError> {
     let Plan {
@@ -63,51 +74,82 @@ pub async fn run(
         timing,
         sink,
         sim,
+        spool: spool_opts,
     } = plan;
+    let stop = stop.child_token();
     let period = 1_000_000 / i64::from(config.sampling.rate_hz);
-    // In data time the publisher holds few batches (backpressure slows the simulation
-    // instead of losing data); live, its queue is the memory buffer for a link outage.
-    let batch_cap = match timing {
-        Timing::Data => 8,
-        Timing::Live => config.delivery.memory_batches,
-    };
-    let batch_chan = 8;
     let (src_tx, src_rx) = mpsc::channel::<SourceEvent>(1024);
     let (reading_tx, reading_rx) = mpsc::channel::<Reading>(256);
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(batch_chan);
+    let upstream_done = CancellationToken::new();
 
-    // The publisher is built first: a TLS or key problem stops the start, before sampling.
-    let publisher = match sink {
+    // The spool and the publisher start first: a spool that cannot be opened stops the
+    // start, before sampling.
+    let (out, delivery) = match sink {
         Sink::Mqtt => {
-            let topic = config.topic().ok_or_else(|| StartError {
+            let m = config.mqtt.as_ref().ok_or_else(|| StartError {
                 key: "mqtt".into(),
                 message: "the [mqtt] table is required to publish (or use --stdout)".into(),
             })?;
-            let m = config.mqtt.as_ref().ok_or_else(|| StartError {
-                key: "mqtt".into(),
-                message: "the [mqtt] table is required".into(),
+            let topic = config.topic().ok_or_else(|| StartError {
+                key: "mqtt.topic".into(),
+                message: "not a valid topic".into(),
             })?;
             let settings = PublisherSettings {
                 topic,
-                mode: config.batch.payload,
                 window: usize::from(m.max_inflight),
                 shutdown_timeout: config.delivery.shutdown_timeout.0,
                 endpoint: format!("{}:{}", m.endpoint, m.port),
-                max_queued_batches: batch_cap,
+            };
+            let sync_interval = match config.spool.as_ref().map(|s| s.sync_interval) {
+                Some(SyncInterval::Always) => None,
+                Some(SyncInterval::Every(d)) => Some(d.0),
+                None => Some(Duration::from_secs(1)),
+            };
+            let spool_settings = spool::Settings {
+                log: spool_opts.clone(),
+                sync_interval,
+                order: config.delivery.order,
+                mode: config.batch.payload,
+                max_payload: config.batch.max_bytes.0 as usize,
+                memory_batches: config.delivery.memory_batches,
+            };
+            let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+            let (thread, channels) = spool::service::start(
+                spool_settings,
+                cmd_rx,
+                spool_stats.clone(),
+            )
+            .map_err(|e| StartError {
+                key: "spool.dir".into(),
+                message: format!("cannot open the spool in {}: {e}", spool_opts.dir.display()),
+            })?;
+            let inputs = Inputs {
+                live: channels.live,
+                backlog: channels.backlog,
+                spool: cmd_tx.clone(),
+                upstream_done: upstream_done.clone(),
             };
             let config = config.clone();
             let stats = stats.clone();
             let stop = stop.clone();
-            tokio::spawn(async move {
-                publisher::run(&config, settings, batch_rx, None, stats, stop).await
-            })
+            let publisher = tokio::spawn(async move {
+                let result = publisher::run(&config, settings, inputs, stats, stop.clone()).await;
+                if result.is_err() {
+                    // Without a publisher nothing can leave: stop the rest.
+                    stop.cancel();
+                }
+                result
+            });
+            (
+                BatchOut::Spool(cmd_tx),
+                Delivery::Mqtt { publisher, thread },
+            )
         }
         Sink::Stdout => {
+            let (batch_tx, batch_rx) = mpsc::channel::<Batch>(8);
             let mode = config.batch.payload;
-            tokio::spawn(async move {
-                stdout_sink(batch_rx, mode).await;
-                Ok(publisher::Outcome::default())
-            })
+            let printer = tokio::spawn(stdout_sink(batch_rx, mode));
+            (BatchOut::Stdout(batch_tx), Delivery::Stdout(printer))
         }
     };
 
@@ -136,9 +178,7 @@ pub async fn run(
         let encoder = RecordEncoder::new(&config, &session_id);
         let batcher = Batcher::new(Limits::from_config(&config.batch), period, 0);
         let stats = stats.clone();
-        tokio::spawn(batch_readings(
-            reading_rx, batch_tx, encoder, batcher, timing, stats,
-        ))
+        tokio::spawn(batch_readings(reading_rx, out, encoder, batcher, stats))
     };
     let ticker = {
         let stats = stats.clone();
@@ -158,19 +198,40 @@ pub async fn run(
     let _ = source.await;
     let _ = sampling.await;
     let _ = batching.await;
-    let outcome = match publisher.await {
-        Ok(Ok(o)) => o,
-        Ok(Err((key, message))) => return Err(StartError { key, message }),
-        Err(e) => {
-            tracing::error!("publisher task failed: {e}");
-            publisher::Outcome::default()
+    upstream_done.cancel();
+    let summary = match delivery {
+        Delivery::Stdout(printer) => {
+            let _ = printer.await;
+            Summary::default()
+        }
+        Delivery::Mqtt { publisher, thread } => {
+            match publisher.await {
+                Ok(Ok(())) => {}
+                Ok(Err((key, message))) => return Err(StartError { key, message }),
+                Err(e) => tracing::error!("publisher task failed: {e}"),
+            }
+            // Every sender of spool commands is gone now: the spool syncs and ends.
+            if tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .is_err()
+            {
+                tracing::error!("spool thread failed");
+            }
+            Summary {
+                unacked_batches: Stats::get(&spool_stats.unacked_batches),
+            }
         }
     };
     ticker.abort();
-    Ok(Summary {
-        unacked_batches: outcome.unacked_batches,
-        unacked_records: outcome.unacked_records,
-    })
+    Ok(summary)
+}
+
+enum Delivery {
+    Stdout(tokio::task::JoinHandle<()>),
+    Mqtt {
+        publisher: tokio::task::JoinHandle<Result<(), (String, String)>>,
+        thread: std::thread::JoinHandle<()>,
+    },
 }
 
 async fn sample_on_data_clock(
@@ -230,27 +291,28 @@ async fn sample_on_live_clock(
 
 async fn batch_readings(
     mut rx: mpsc::Receiver<Reading>,
-    tx: mpsc::Sender<Batch>,
+    out: BatchOut,
     encoder: RecordEncoder,
     mut batcher: Batcher,
-    timing: Timing,
     stats: Arc<Stats>,
 ) {
     let mut record = Vec::with_capacity(512);
     let mut closed = Vec::new();
-    let mut dropped_since_log = 0u64;
     while let Some(reading) = rx.recv().await {
         record.clear();
         encoder.encode(&reading, &mut record);
         batcher.push(&record, reading.at, &mut closed);
         for b in closed.drain(..) {
-            if !emit(&tx, b, timing, &stats, &mut dropped_since_log).await {
+            if !emit(&out, b, &stats).await {
                 return;
             }
         }
     }
     if let Some(b) = batcher.flush() {
-        emit(&tx, b, timing, &stats, &mut dropped_since_log).await;
+        emit(&out, b, &stats).await;
+    }
+    if let BatchOut::Spool(tx) = &out {
+        let _ = tx.send(Cmd::UpstreamDone);
     }
     if batcher.oversize > 0 {
         tracing::warn!(
@@ -260,34 +322,13 @@ async fn batch_readings(
     }
 }
 
-/// Hands a batch on. Live, a full buffer drops the batch (counted, logged) rather than
-/// stalling the sampler; in data time it waits.
-async fn emit(
-    tx: &mpsc::Sender<Batch>,
-    b: Batch,
-    timing: Timing,
-    stats: &Stats,
-    dropped_since_log: &mut u64,
-) -> bool {
+/// Hands a batch on: to the spool (never blocks: sampling must not wait for a disk), or to
+/// stdout (waits: printing is the whole point).
+async fn emit(out: &BatchOut, b: Batch, stats: &Stats) -> bool {
     Stats::add(&stats.batches, 1);
-    match timing {
-        Timing::Data => tx.send(b).await.is_ok(),
-        Timing::Live => match tx.try_send(b) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(b)) => {
-                Stats::add(&stats.batches_dropped, 1);
-                Stats::add(&stats.readings_dropped, b.len() as u64);
-                if *dropped_since_log == 0 {
-                    tracing::error!(
-                        "memory buffer full (delivery.memory_batches): dropping readings from {} ms",
-                        b.first_at / 1000
-                    );
-                }
-                *dropped_since_log += 1;
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        },
+    match out {
+        BatchOut::Stdout(tx) => tx.send(b).await.is_ok(),
+        BatchOut::Spool(tx) => tx.send(Cmd::Append(b)).is_ok(),
     }
 }
 

@@ -7,16 +7,19 @@
 //! After an error the link waits for the publisher to stop handing over publishes before it
 //! clears rumqttc's leftovers and reconnects, so packet ids always match the right message.
 
-use crate::batch::{self, Batch};
-use crate::config::{Config, PayloadMode};
-use crate::delivery::{Acked, Delivery};
+use crate::config::Config;
+use crate::delivery::Delivery;
 use crate::link_error::{self, Class, LinkError};
+use crate::spool::{Cmd, Parcel};
 use crate::stats::Stats;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
 };
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -35,20 +38,9 @@ enum LinkEvent {
 
 pub struct PublisherSettings {
     pub topic: String,
-    pub mode: PayloadMode,
     pub window: usize,
     pub shutdown_timeout: Duration,
     pub endpoint: String,
-    /// Batches held in memory at most; beyond it the input channel fills and pushes back.
-    pub max_queued_batches: usize,
-}
-
-/// How the publisher ended.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    /// Batches never acknowledged (in flight, queued or still in the channel).
-    pub unacked_batches: u64,
-    pub unacked_records: u64,
 }
 
 /// Builds the client and its event loop from the configuration.
@@ -175,17 +167,83 @@ async fn link_task(
     }
 }
 
-/// Publishes every batch from `input` and reports each fully acknowledged batch on `acks`.
-/// Ends when `input` is closed and everything is acknowledged, or `shutdown_timeout` after
-/// `stop` fires or `input` closes.
+/// Where the publisher gets its work and sends acknowledgements.
+pub struct Inputs {
+    /// New batches, as they are made.
+    pub live: mpsc::Receiver<Parcel>,
+    /// The stored backlog, oldest first, coalesced.
+    pub backlog: mpsc::Receiver<Parcel>,
+    /// Acknowledgements (and wake-ups) back to the spool.
+    pub spool: std::sync::mpsc::Sender<Cmd>,
+    /// Cancelled when no new data will come (the source ended).
+    pub upstream_done: CancellationToken,
+}
+
+/// Two token buckets below AWS IoT's per-connection limits (publishes/s and bytes/s).
+struct RateLimits {
+    messages: Option<DefaultDirectRateLimiter>,
+    bytes: Option<DefaultDirectRateLimiter>,
+    clock: DefaultClock,
+}
+
+impl RateLimits {
+    fn new(per_sec: u32, bytes_per_sec: u64) -> Self {
+        // A tenth of a second of burst: smooth, and never more than a second's worth
+        // right after a reconnect.
+        let messages = NonZeroU32::new(per_sec).map(|rate| {
+            let burst = NonZeroU32::new((per_sec / 10).max(1)).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+        });
+        let bytes = NonZeroU32::new(bytes_per_sec.min(u64::from(u32::MAX)) as u32).map(|rate| {
+            // A whole message must fit the bucket.
+            let burst = (rate.get() / 10).max(crate::config::AWS_MAX_PAYLOAD as u32 + 1024);
+            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+        });
+        Self {
+            messages,
+            bytes,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// `Ok` if a message of `len` bytes may go now; otherwise how long to wait.
+    fn admit(&self, len: usize) -> Result<(), Duration> {
+        if let Some(m) = &self.messages
+            && let Err(n) = m.check()
+        {
+            return Err(n.wait_time_from(self.clock.now()));
+        }
+        if let Some(b) = &self.bytes {
+            let n = NonZeroU32::new(len as u32).unwrap_or(NonZeroU32::MIN);
+            match b.check_n(n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => return Err(not_until.wait_time_from(self.clock.now())),
+                // Larger than the bucket: cannot happen (the bucket holds a full message).
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Publishes everything the spool hands over and reports each acknowledged batch back.
+/// Ends when the input is closed and everything is acknowledged; when `stop` fires, after
+/// at most `shutdown_timeout`; after the source ended, once no PUBACK has come for
+/// `shutdown_timeout`.
 pub async fn run(
     config: &Config,
     settings: PublisherSettings,
-    mut input: mpsc::Receiver<Batch>,
-    acks: Option<mpsc::UnboundedSender<Acked>>,
+    inputs: Inputs,
     stats: Arc<Stats>,
     stop: CancellationToken,
-) -> Result<Outcome, (String, String)> {
+) -> Result<(), (String, String)> {
+    let Inputs {
+        mut live,
+        mut backlog,
+        spool,
+        upstream_done,
+    } = inputs;
     let (client, eventloop) = connect_options(config)?;
     let m = config
         .mqtt
@@ -196,6 +254,10 @@ pub async fn run(
         max: m.reconnect_max.0,
         attempt: 0,
     };
+    let limits = RateLimits::new(
+        config.delivery.max_publish_per_sec,
+        config.delivery.max_bytes_per_sec.0,
+    );
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     let (resume_tx, resume_rx) = mpsc::channel(1);
     let link_stop = CancellationToken::new();
@@ -211,14 +273,23 @@ pub async fn run(
     let mut connected = false;
     let mut ever_connected = false;
     let mut outage: Option<(Instant, Class, u32)> = None;
-    let mut input_done = false;
-    let mut deadline: Option<Instant> = None;
+    let (mut live_done, mut backlog_done) = (false, false);
+    let mut hard_deadline: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    let mut rate_wait: Option<Instant> = None;
     let mut completed = Vec::new();
-    let mut messages = Vec::new();
 
     loop {
-        if connected {
-            while let Some(msg) = delivery.next_to_send() {
+        if connected && rate_wait.is_none_or(|w| w <= Instant::now()) {
+            rate_wait = None;
+            while let Some(len) = delivery.next_len() {
+                if let Err(wait) = limits.admit(len) {
+                    rate_wait = Some(Instant::now() + wait);
+                    break;
+                }
+                let Some(msg) = delivery.next_to_send() else {
+                    break;
+                };
                 let len = msg.payload.len() as u64;
                 match client.try_publish(
                     settings.topic.clone(),
@@ -242,14 +313,20 @@ pub async fn run(
             delivery.in_flight() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        if input_done && delivery.is_idle() {
+        if live_done && backlog_done && delivery.is_idle() {
             break;
         }
-        if deadline.is_none() && stop.is_cancelled() {
-            deadline = Some(Instant::now() + settings.shutdown_timeout);
+        if hard_deadline.is_none() && stop.is_cancelled() {
+            hard_deadline = Some(Instant::now() + settings.shutdown_timeout);
         }
-        let want_input = !input_done && delivery.open_batches() < settings.max_queued_batches;
+        let deadline = match (hard_deadline, upstream_done.is_cancelled()) {
+            (Some(d), _) => Some(d),
+            (None, true) => Some(last_progress + settings.shutdown_timeout),
+            (None, false) => None,
+        };
+        let want = delivery.queued() == 0 && hard_deadline.is_none();
         tokio::select! {
+            biased;
             ev = link_rx.recv() => match ev {
                 Some(LinkEvent::Connected) => {
                     connected = true;
@@ -272,13 +349,12 @@ pub async fn run(
                 }
                 Some(LinkEvent::PubAck(pkid)) => {
                     Stats::add(&stats.pubacks, 1);
+                    last_progress = Instant::now();
                     if delivery.on_puback(pkid, &mut completed) {
                         for a in completed.drain(..) {
                             Stats::add(&stats.batches_acked, 1);
                             Stats::add(&stats.readings_acked, a.records as u64);
-                            if let Some(tx) = &acks {
-                                let _ = tx.send(a);
-                            }
+                            let _ = spool.send(Cmd::Ack(a.seq));
                         }
                     }
                 }
@@ -292,37 +368,34 @@ pub async fn run(
                 }
                 Some(LinkEvent::Closed) | None => break,
             },
-            b = input.recv(), if want_input => match b {
-                Some(b) => {
-                    messages.clear();
-                    batch::messages_for(&b, settings.mode, &mut messages);
-                    delivery.enqueue(b.seq, b.len(), std::mem::take(&mut messages));
-                }
-                None => {
-                    input_done = true;
-                    deadline.get_or_insert(Instant::now() + settings.shutdown_timeout);
-                }
+            p = live.recv(), if want && !live_done => match p {
+                Some(p) => delivery.enqueue_many(&p.batches, p.messages),
+                None => live_done = true,
             },
+            p = backlog.recv(), if want && !backlog_done => match p {
+                Some(p) => {
+                    delivery.enqueue_many(&p.batches, p.messages);
+                    let _ = spool.send(Cmd::Wake);
+                }
+                None => backlog_done = true,
+            },
+            _ = sleep_until_opt(rate_wait), if rate_wait.is_some() && connected => {}
             _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                tracing::warn!(
-                    "stopping with {} batch(es) ({} readings) not acknowledged after {:?}",
-                    delivery.open_batches(), delivery.open_records(), settings.shutdown_timeout
-                );
+                if !(delivery.is_idle() && live_done && backlog_done) {
+                    tracing::warn!(
+                        "stopping with {} batch(es) ({} readings) in flight not acknowledged; the spool keeps them",
+                        delivery.open_batches(), delivery.open_records()
+                    );
+                }
                 break;
             }
-            _ = stop.cancelled(), if deadline.is_none() => {}
+            _ = stop.cancelled(), if hard_deadline.is_none() => {}
+            _ = upstream_done.cancelled(), if !upstream_done.is_cancelled() => {
+                last_progress = Instant::now();
+            }
         }
     }
 
-    let mut outcome = Outcome {
-        unacked_batches: delivery.open_batches() as u64,
-        unacked_records: delivery.open_records() as u64,
-    };
-    input.close();
-    while let Ok(b) = input.try_recv() {
-        outcome.unacked_batches += 1;
-        outcome.unacked_records += b.len() as u64;
-    }
     // Say goodbye properly so the broker does not fire a last will.
     if connected && client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -336,7 +409,7 @@ pub async fn run(
     }
     link_stop.cancel();
     let _ = link.await;
-    Ok(outcome)
+    Ok(())
 }
 
 fn report_failure(

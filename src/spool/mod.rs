@@ -1,0 +1,11 @@
+//! The disk spool: every batch is written here before it is offered for publishing, and
+//! leaves only when the broker has acknowledged it.
+
+mod acks;
+pub mod frame;
+pub mod inspect;
+pub mod log;
+pub mod service;
+
+pub use log::{Options, SpoolLog};
+pub use service::{Channels, Cmd, Parcel, Settings, SpoolStats};
