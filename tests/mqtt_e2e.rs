@@ -163,7 +163,7 @@ fn every_reading_arrives(payload: &str, mode: PayloadMode) {
         for (_, p) in &msgs {
             let n = check_message(p, mode).unwrap().len();
             assert!(
-                n % 10 == 0,
+                n.is_multiple_of(10),
                 "a message carries whole batches of 10, got {n}"
             );
         }
