@@ -8,6 +8,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod line_framer;
+pub mod line_protocol;
 pub mod link_error;
 pub mod logging;
 pub mod pipeline;

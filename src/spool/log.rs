@@ -332,6 +332,11 @@ impl SpoolLog {
         if seq >= self.base && self.acked.insert(seq) {
             self.acks.append(seq)?;
         }
+        self.advance_base()
+    }
+
+    /// Moves `base` up to what is done and lets whole segments below it go.
+    fn advance_base(&mut self) -> io::Result<()> {
         let w = self.done_below();
         if w > self.base {
             self.base = w;
@@ -436,6 +441,7 @@ impl SpoolLog {
             if self.cursor.offset >= seg.bytes {
                 if is_tail {
                     self.cursor.floor = self.cursor.floor.max(self.next_seq);
+                    self.advance_base()?;
                     return Ok(None);
                 }
                 self.advance_segment(idx);
@@ -479,6 +485,7 @@ impl SpoolLog {
                     if is_tail {
                         self.cursor.reader = None;
                         self.cursor.floor = self.cursor.floor.max(self.next_seq);
+                        self.advance_base()?;
                         return Ok(None);
                     }
                     self.advance_segment(idx);

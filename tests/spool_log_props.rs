@@ -1,0 +1,184 @@
+//! Property tests of the spool log on a real filesystem: random sequences of append,
+//! hand-out, acknowledge, restart and torn tails keep the delivery guarantee.
+
+use proptest::prelude::*;
+use redline_agent::batch::Batch;
+use redline_agent::spool::frame::{self, HEADER};
+use redline_agent::spool::{Options, SpoolLog};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(u8),
+    Read,
+    Ack(usize),
+    Sync,
+    Restart,
+    TearTail(u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1u8..40).prop_map(Op::Append),
+        3 => Just(Op::Read),
+        3 => any::<usize>().prop_map(Op::Ack),
+        1 => Just(Op::Sync),
+        1 => Just(Op::Restart),
+        1 => any::<u16>().prop_map(Op::TearTail),
+    ]
+}
+
+fn batch(tag: u64, records: u8) -> Batch {
+    let mut body = Vec::new();
+    let mut ends = Vec::new();
+    for i in 0..records {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(format!("{{\"tag\":{tag},\"i\":{i}}}").as_bytes());
+        ends.push(body.len() as u32);
+    }
+    Batch {
+        seq: 0,
+        first_at: tag as i64 * 1000,
+        last_at: tag as i64 * 1000 + i64::from(records),
+        body,
+        ends,
+    }
+}
+
+fn opts(dir: &Path) -> Options {
+    Options {
+        dir: dir.to_path_buf(),
+        segment_bytes: 4096,
+        max_bytes: 1 << 30,
+    }
+}
+
+/// The (seq, end offset) of every whole frame in a segment file.
+fn frames(path: &Path) -> Vec<(u64, u64)> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let mut at = 8usize;
+    let mut out = Vec::new();
+    while at + HEADER <= bytes.len() {
+        let Some(h) = frame::header(bytes[at..at + HEADER].try_into().expect("16 bytes")) else {
+            break;
+        };
+        let end = at + HEADER + h.len;
+        if end > bytes.len() || !h.verify(&bytes[at + HEADER..end]) {
+            break;
+        }
+        out.push((h.seq, end as u64));
+        at = end;
+    }
+    out
+}
+
+fn last_segment(dir: &Path) -> Option<std::path::PathBuf> {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    segs.pop()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+    #[test]
+    fn the_log_never_loses_or_resends_what_it_must_not(ops in prop::collection::vec(op(), 1..120)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = SpoolLog::open(opts(dir.path())).expect("open");
+        // seq -> the batch as appended
+        let mut appended: BTreeMap<u64, Batch> = BTreeMap::new();
+        let mut acked: BTreeSet<u64> = BTreeSet::new();
+        let mut lost: BTreeSet<u64> = BTreeSet::new();
+        let mut out: BTreeSet<u64> = BTreeSet::new();
+        let mut read_since_start: Vec<u64> = Vec::new();
+        let mut tag = 0u64;
+        for op in ops {
+            match op {
+                Op::Append(n) => {
+                    tag += 1;
+                    let mut b = batch(tag, n);
+                    log.append(&mut b).expect("append");
+                    // Only a sequence number torn off before it was ever acknowledged may
+                    // be given again.
+                    prop_assert!(
+                        !appended.contains_key(&b.seq) || lost.remove(&b.seq),
+                        "seq {} reused", b.seq
+                    );
+                    prop_assert!(!acked.contains(&b.seq), "acknowledged seq {} reused", b.seq);
+                    appended.insert(b.seq, b);
+                }
+                Op::Read => {
+                    if let Some(b) = log.next_backlog().expect("read") {
+                        prop_assert!(!acked.contains(&b.seq), "acked batch {} read again", b.seq);
+                        prop_assert!(!out.contains(&b.seq), "batch {} handed out twice", b.seq);
+                        prop_assert_eq!(Some(&b), appended.get(&b.seq), "content of {}", b.seq);
+                        if let Some(&prev) = read_since_start.last() {
+                            prop_assert!(b.seq > prev, "backlog out of order: {} after {}", b.seq, prev);
+                        }
+                        read_since_start.push(b.seq);
+                        out.insert(b.seq);
+                    }
+                }
+                Op::Ack(i) => {
+                    if !out.is_empty() {
+                        let seq = *out.iter().nth(i % out.len()).expect("in range");
+                        out.remove(&seq);
+                        log.ack(seq).expect("ack");
+                        acked.insert(seq);
+                    }
+                }
+                Op::Sync => log.sync().expect("sync"),
+                Op::Restart => {
+                    drop(log);
+                    log = SpoolLog::open(opts(dir.path())).expect("reopen");
+                    out.clear();
+                    read_since_start.clear();
+                }
+                Op::TearTail(k) => {
+                    drop(log);
+                    if let Some(seg) = last_segment(dir.path()) {
+                        let len = std::fs::metadata(&seg).expect("meta").len();
+                        let cut = u64::from(k) % (len + 1);
+                        let new_len = len - cut;
+                        for (seq, end) in frames(&seg) {
+                            if end > new_len {
+                                lost.insert(seq);
+                            }
+                        }
+                        let f = std::fs::OpenOptions::new().write(true).open(&seg).expect("open seg");
+                        f.set_len(new_len).expect("truncate");
+                    }
+                    log = SpoolLog::open(opts(dir.path())).expect("reopen after tear");
+                    out.clear();
+                    read_since_start.clear();
+                }
+            }
+        }
+        // Drain: everything appended, not acknowledged, not torn away, not already out,
+        // comes back exactly once.
+        while let Some(b) = log.next_backlog().expect("drain") {
+            prop_assert!(!acked.contains(&b.seq));
+            prop_assert!(out.insert(b.seq), "batch {} handed out twice", b.seq);
+        }
+        let expected: BTreeSet<u64> = appended
+            .keys()
+            .copied()
+            .filter(|s| !acked.contains(s) && !lost.contains(s))
+            .collect();
+        let missing: Vec<_> = expected.difference(&out).collect();
+        prop_assert!(missing.is_empty(), "never delivered: {:?}", missing);
+        // Acknowledging everything empties the log down to the segment being written.
+        for seq in out.clone() {
+            log.ack(seq).expect("ack");
+        }
+        prop_assert_eq!(log.unacked_batches(), 0);
+        prop_assert!(log.segments() <= 1, "{} segments left", log.segments());
+    }
+}
