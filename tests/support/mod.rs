@@ -7,6 +7,7 @@ pub mod broker;
 pub mod certs;
 pub mod json;
 pub mod process;
+pub mod spool;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,0 +1,212 @@
+//! Spool benchmarks (a bench binary, not timed tests):
+//! 1. append cost per batch (buffered, and with an fsync per batch);
+//! 2. replay of a one-hour 10 Hz backlog (36,000 readings) to a local Mosquitto with mutual
+//!    TLS and the rate limits off: start of the agent to its exit with everything acknowledged;
+//! 3. restart with a full spool (1 GiB) to the first message at the subscriber.
+//!
+//! `cargo bench --bench spool` runs the full sizes; under `cargo test` it runs a small
+//! version of each so the code path stays exercised.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use redline_agent::batch::Batch;
+use redline_agent::spool::{Options, SpoolLog};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::broker::{Broker, Subscriber};
+use support::certs::Pki;
+use support::process::Proc;
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let (readings, spool_bytes) = if full {
+        (36_000usize, 1u64 << 30)
+    } else {
+        (3_600, 16 << 20)
+    };
+    println!(
+        "spool benchmarks ({} sizes); machine: {} cores",
+        if full { "full" } else { "smoke" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    append_cost(if full { 20_000 } else { 500 });
+    let work = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(work.path(), support::VEHICLE_ID);
+    let broker = Broker::start(&pki, work.path(), false);
+    replay(&pki, &broker, work.path(), readings);
+    restart(&pki, &broker, work.path(), spool_bytes);
+}
+
+/// A realistic batch: ten records as the agent writes them.
+fn batch(k: u64) -> Batch {
+    let mut body = Vec::new();
+    let mut ends = Vec::new();
+    let t0 = support::START_MS + k as i64 * 1000;
+    for i in 0..10 {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(
+            format!(
+                "{{\"vehicle_id\":\"{}\",\"timestamp\":{},\"session_id\":\"{}\",\"brake_disc_temp_fl\":{:.1},\"brake_disc_temp_fr\":{:.1},\"engine_rpm\":{},\"engine_oil_temp\":{:.1}}}",
+                support::VEHICLE_ID,
+                t0 + i * 100,
+                support::SESSION_ID,
+                600.0 + (k % 97) as f64,
+                590.0 + (k % 89) as f64,
+                6000 + (k * 37 + i as u64) % 2500,
+                104.0 + (k % 7) as f64 / 10.0
+            )
+            .as_bytes(),
+        );
+        ends.push(body.len() as u32);
+    }
+    Batch {
+        seq: 0,
+        first_at: t0 * 1000,
+        last_at: (t0 + 900) * 1000,
+        body,
+        ends,
+    }
+}
+
+fn fill(dir: &Path, batches: u64, max_bytes: u64) -> u64 {
+    let mut log = SpoolLog::open(Options {
+        dir: dir.to_path_buf(),
+        segment_bytes: 8 << 20,
+        max_bytes,
+    })
+    .expect("open spool");
+    for k in 0..batches {
+        log.append(&mut batch(k)).expect("append");
+    }
+    let bytes = log.bytes();
+    log.close().expect("close");
+    bytes
+}
+
+fn append_cost(n: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = SpoolLog::open(Options {
+        dir: dir.path().to_path_buf(),
+        segment_bytes: 8 << 20,
+        max_bytes: 1 << 30,
+    })
+    .expect("open");
+    let batches: Vec<Batch> = (0..n).map(batch).collect();
+    let t = Instant::now();
+    for b in &batches {
+        let mut b = b.clone();
+        log.append(&mut b).expect("append");
+    }
+    log.sync().expect("sync");
+    let buffered = t.elapsed() / n as u32;
+    let m = (n / 20).max(10);
+    let t = Instant::now();
+    for b in batches.iter().take(m as usize) {
+        let mut b = b.clone();
+        log.append(&mut b).expect("append");
+        log.sync().expect("sync");
+    }
+    let synced = t.elapsed() / m as u32;
+    println!(
+        "append, one 10-record batch ({} bytes): {:?} written, {:?} with an fsync each (sync_interval = \"always\"); {n} batches",
+        batches[0].body.len(),
+        buffered,
+        synced
+    );
+}
+
+fn config(pki: &Pki, broker: &Broker, dir: &Path, spool: &Path) -> std::path::PathBuf {
+    let spec = support::ConfigSpec {
+        port: broker.tls_port,
+        ca: &pki.ca,
+        cert: &pki.client_cert,
+        key: &pki.client_key,
+        payload: "records",
+    };
+    let text = format!(
+        "{}\n[spool]\ndir = {}\nmax_bytes = \"2GiB\"\n\n[delivery]\nmax_publish_per_sec = 0\nmax_bytes_per_sec = 0\nshutdown_timeout = \"10s\"\n",
+        spec.render(),
+        support::toml_path(spool)
+    );
+    let path = dir.join(format!(
+        "bench-{}.toml",
+        spool.file_name().and_then(|s| s.to_str()).unwrap_or("x")
+    ));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn replay(pki: &Pki, broker: &Broker, dir: &Path, readings: usize) {
+    let spool = dir.join("spool-replay");
+    let batches = (readings / 10) as u64;
+    fill(&spool, batches, 2 << 30);
+    let cfg = config(pki, broker, dir, &spool);
+    let mut sub = Subscriber::start(broker);
+    let t = Instant::now();
+    let mut agent = support::agent();
+    agent.args(["simulate", "--config"]).arg(&cfg).args([
+        "--duration",
+        "100ms",
+        "--speed",
+        "max",
+        "--start",
+        "2030-01-01T00:00:00Z",
+    ]);
+    let mut p = Proc::spawn("redline-agent", agent);
+    let status = p.wait_or_panic(Duration::from_secs(120));
+    let took = t.elapsed();
+    sub.sync();
+    let msgs = sub.telemetry();
+    let got: usize = msgs
+        .iter()
+        .map(|(_, m)| m.matches("\"timestamp\"").count())
+        .sum();
+    assert!(status.success(), "agent failed: {}", p.stderr_text());
+    assert!(got >= readings, "only {got} of {readings} readings arrived");
+    println!(
+        "replay of {readings} stored readings ({batches} batches) to Mosquitto over mutual TLS, rate limits off: {:.2} s from start to exit, {} messages",
+        took.as_secs_f64(),
+        msgs.len()
+    );
+}
+
+fn restart(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64) {
+    let spool = dir.join("spool-full");
+    let one = {
+        let mut v = Vec::new();
+        redline_agent::spool::frame::encode(&batch(0), &mut v);
+        v.len() as u64
+    };
+    let t = Instant::now();
+    let filled = fill(&spool, bytes / one, 2 << 30);
+    println!(
+        "filled a spool with {} MiB of unacknowledged batches in {:.1} s",
+        filled >> 20,
+        t.elapsed().as_secs_f64()
+    );
+    let cfg = config(pki, broker, dir, &spool);
+    let sub = Subscriber::start(broker);
+    let before = sub.telemetry().len();
+    let t = Instant::now();
+    let mut agent = support::agent();
+    agent
+        .args(["simulate", "--config"])
+        .arg(&cfg)
+        .args(["--duration", "1h", "--speed", "1"]);
+    let mut p = Proc::spawn("redline-agent", agent);
+    let first = support::process::poll(Duration::from_secs(30), || {
+        (sub.telemetry().len() > before).then(Instant::now)
+    });
+    let _ = p.terminate();
+    match first {
+        Some(at) => println!(
+            "restart with a {} MiB spool to the first message at the subscriber: {:.3} s",
+            filled >> 20,
+            (at - t).as_secs_f64()
+        ),
+        None => panic!("no message within 30 s of the restart: {}", p.stderr_text()),
+    }
+}
