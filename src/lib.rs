@@ -12,6 +12,7 @@ pub mod line_framer;
 pub mod line_protocol;
 pub mod link_error;
 pub mod logging;
+pub mod notify;
 pub mod pipeline;
 pub mod publisher;
 pub mod record;

@@ -180,6 +180,21 @@ pub async fn run(
         let stats = stats.clone();
         tokio::spawn(batch_readings(reading_rx, out, encoder, batcher, stats))
     };
+    let publishing = matches!(delivery, Delivery::Mqtt { .. });
+    let supervisor = tokio::spawn(crate::notify::supervise(
+        stats.clone(),
+        publishing.then(|| spool_stats.clone()),
+        publishing,
+        stop.clone(),
+    ));
+    crate::notify::ready(&crate::notify::status_line(&stats, None));
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            crate::notify::stopping();
+        });
+    }
     let ticker = {
         let stats = stats.clone();
         let stop = stop.clone();
@@ -223,6 +238,7 @@ pub async fn run(
         }
     };
     ticker.abort();
+    supervisor.abort();
     Ok(summary)
 }
 
@@ -264,7 +280,17 @@ async fn sample_on_live_clock(
     stop: CancellationToken,
 ) {
     let mut n = sampler.first_tick_at_or_after(clock.now());
+    // A test hook: the systemd watchdog test stalls the sampler to prove it stops the pings.
+    let stall_at = std::env::var("REDLINE_TEST_STALL_SAMPLER_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
     loop {
+        if stall_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            tracing::warn!("test hook: sampler stalled on purpose");
+            stop.cancelled().await;
+            return;
+        }
         let due: Micros = sampler.tick_time(n);
         tokio::select! {
             ev = rx.recv() => match ev {

@@ -278,8 +278,13 @@ pub async fn run(
     let mut last_progress = Instant::now();
     let mut rate_wait: Option<Instant> = None;
     let mut completed = Vec::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
 
     loop {
+        Stats::add(&stats.publisher_beats, 1);
+        stats
+            .connected
+            .store(u64::from(connected), std::sync::atomic::Ordering::Relaxed);
         if connected && rate_wait.is_none_or(|w| w <= Instant::now()) {
             rate_wait = None;
             while let Some(len) = delivery.next_len() {
@@ -349,6 +354,10 @@ pub async fn run(
                 }
                 Some(LinkEvent::PubAck(pkid)) => {
                     Stats::add(&stats.pubacks, 1);
+                    stats.last_ack_ms.store(
+                        (crate::clock::wall_now_us() / 1000).max(0) as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     last_progress = Instant::now();
                     if delivery.on_puback(pkid, &mut completed) {
                         for a in completed.drain(..) {
@@ -390,6 +399,7 @@ pub async fn run(
                 break;
             }
             _ = stop.cancelled(), if hard_deadline.is_none() => {}
+            _ = heartbeat.tick() => {}
             _ = upstream_done.cancelled(), if !upstream_done.is_cancelled() => {
                 last_progress = Instant::now();
             }

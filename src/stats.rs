@@ -47,7 +47,12 @@ pub struct Stats {
     pub republished: AtomicU64,
     pub reconnects: AtomicU64,
     pub inflight: AtomicU64,
+    /// 1 while the MQTT connection is up.
     pub connected: AtomicU64,
+    /// Epoch milliseconds of the last PUBACK (0: none yet).
+    pub last_ack_ms: AtomicU64,
+    /// Turns of the publisher loop (it turns at least once a second while alive).
+    pub publisher_beats: AtomicU64,
 }
 
 impl Stats {
