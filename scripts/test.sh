@@ -20,6 +20,12 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 # The Debian package may start its own broker on 1883; the tests use their own ports.
 
+# cantools is the reference the CAN decoder is checked against.
+if ! python3 -c 'import cantools' 2>/dev/null; then
+  python3 -m pip install --quiet cantools==45.1.0 ||
+    python3 -m pip install --quiet --break-system-packages cantools==45.1.0
+fi
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked --all-targets

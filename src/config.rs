@@ -146,8 +146,26 @@ pub struct FieldSpec {
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     Simulator,
+    Serial,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LineFormatKind {
+    Kv,
+    Csv,
+    Nmea,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Odd,
+    Even,
+}
+
+/// One table for every kind of source; each kind uses its own keys (validated per kind).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Source {
@@ -156,6 +174,28 @@ pub struct Source {
     pub seed: u64,
     /// Simulator: inject sensor faults (stuck, non-finite, out of range).
     pub faults: bool,
+    /// Serial: the device, e.g. `/dev/ttyUSB0` or a stable `/dev/serial/by-id/...` path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<PathBuf>,
+    /// Serial: line speed.
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: u8,
+    /// Serial: the line format.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<LineFormatKind>,
+    /// Serial csv/nmea: the field of each column, in order; `""` or `"-"` skips a column.
+    /// Default: the record's fields in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
+    /// Serial kv: the key each field has in the line (default: the field's own name).
+    #[serde(skip_serializing_if = "IndexMap::is_empty")]
+    pub keys: IndexMap<String, String>,
+    /// Serial nmea: the sentence id after `$`.
+    pub sentence: String,
+    /// Serial: longest accepted line, in bytes.
+    pub max_line: usize,
 }
 
 impl Default for Source {
@@ -164,6 +204,69 @@ impl Default for Source {
             kind: SourceKind::Simulator,
             seed: 1,
             faults: false,
+            device: None,
+            baud: 115_200,
+            data_bits: 8,
+            parity: Parity::None,
+            stop_bits: 1,
+            format: None,
+            columns: None,
+            keys: IndexMap::new(),
+            sentence: "RDLTM".into(),
+            max_line: 512,
+        }
+    }
+}
+
+impl Config {
+    /// The serial line format as the parser wants it. Valid after `validate`.
+    pub fn line_format(&self) -> Result<crate::line_protocol::LineFormat, (String, String)> {
+        use crate::line_protocol::LineFormat;
+        let src = &self.source;
+        let field = |name: &str, key: &str| {
+            self.fields.get_index_of(name).ok_or_else(|| {
+                (
+                    key.to_string(),
+                    format!(
+                        "`{name}` is not a record field (fields: {})",
+                        self.field_names().join(", ")
+                    ),
+                )
+            })
+        };
+        let columns = || -> Result<Vec<Option<usize>>, (String, String)> {
+            match &src.columns {
+                None => Ok((0..self.fields.len()).map(Some).collect()),
+                Some(cols) => cols
+                    .iter()
+                    .map(|c| match c.as_str() {
+                        "" | "-" => Ok(None),
+                        name => field(name, "source.columns").map(Some),
+                    })
+                    .collect(),
+            }
+        };
+        match src.format {
+            None => Err((
+                "source.format".into(),
+                "a serial source needs a format: \"kv\", \"csv\" or \"nmea\"".into(),
+            )),
+            Some(LineFormatKind::Kv) => {
+                let mut keys = Vec::new();
+                for (i, name) in self.fields.keys().enumerate() {
+                    let key = src.keys.get(name).cloned().unwrap_or_else(|| name.clone());
+                    keys.push((key, i));
+                }
+                for name in src.keys.keys() {
+                    field(name, &format!("source.keys.{name}"))?;
+                }
+                Ok(LineFormat::Kv { keys })
+            }
+            Some(LineFormatKind::Csv) => Ok(LineFormat::Csv { columns: columns()? }),
+            Some(LineFormatKind::Nmea) => Ok(LineFormat::Nmea {
+                sentence: src.sentence.clone(),
+                columns: columns()?,
+            }),
         }
     }
 }
@@ -400,6 +503,11 @@ impl Config {
         {
             sp.dir = base.join(&sp.dir);
         }
+        if let Some(dev) = &mut config.source.device
+            && dev.is_relative()
+        {
+            *dev = base.join(&*dev);
+        }
         config
             .validate()
             .map_err(|(key, message)| err(key, message))?;
@@ -429,6 +537,7 @@ impl Config {
         if self.fields.is_empty() {
             return e("fields", "at least one field is needed".into());
         }
+        self.validate_source()?;
         for (name, spec) in &self.fields {
             let key = format!("fields.{name}");
             let snake = name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -522,6 +631,35 @@ impl Config {
                     "must be above zero (or \"always\")".into(),
                 );
             }
+        }
+        Ok(())
+    }
+
+    fn validate_source(&self) -> Result<(), (String, String)> {
+        let e = |key: &str, msg: String| Err((key.to_string(), msg));
+        let src = &self.source;
+        if src.kind == SourceKind::Serial {
+            if src.device.is_none() {
+                return e(
+                    "source.device",
+                    "a serial source needs a device, e.g. \"/dev/ttyUSB0\"".into(),
+                );
+            }
+            if src.baud == 0 {
+                return e("source.baud", "must be above zero".into());
+            }
+            if !(5..=8).contains(&src.data_bits) {
+                return e("source.data_bits", format!("expected 5 to 8, got {}", src.data_bits));
+            }
+            if !(1..=2).contains(&src.stop_bits) {
+                return e("source.stop_bits", format!("expected 1 or 2, got {}", src.stop_bits));
+            }
+            if !(16..=65_536).contains(&src.max_line) {
+                return e("source.max_line", format!("expected 16 to 65536, got {}", src.max_line));
+            }
+            let format = self.line_format()?;
+            crate::line_protocol::LineParser::new(format)
+                .map_err(|err| ("source".to_string(), err.to_string()))?;
         }
         Ok(())
     }

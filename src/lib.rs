@@ -4,9 +4,11 @@
 //! back once, through `delivery`.
 
 pub mod batch;
+pub mod candump;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod dbc;
 pub mod delivery;
 pub mod line_framer;
 pub mod line_protocol;
