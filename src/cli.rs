@@ -44,6 +44,9 @@ pub enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Print each message payload on stdout instead of publishing (bench and debugging).
+        #[arg(long)]
+        stdout: bool,
     },
     /// Bench mode: a simulated car replaces the configured source; sampling, batching and
     /// publishing are the real path.
@@ -106,6 +109,23 @@ pub struct SimulateArgs {
     /// Inject sensor faults: a sensor that stops, non-finite and out-of-range values.
     #[arg(long)]
     pub faults: bool,
+    /// Write the simulated car as lines to this serial device or pty (a bench rig for the
+    /// serial source) instead of running the pipeline.
+    #[arg(long, value_name = "PATH")]
+    pub serial: Option<PathBuf>,
+    /// Line format for `--serial` (default: `source.format` of the config, else nmea).
+    #[arg(long, value_enum, requires = "serial")]
+    pub format: Option<SerialFormat>,
+    /// Lines per second for `--serial`.
+    #[arg(long, default_value_t = 20, requires = "serial")]
+    pub line_rate: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum SerialFormat {
+    Kv,
+    Csv,
+    Nmea,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -136,7 +156,7 @@ pub fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Spool(cmd) => spool_command(cmd),
-        Command::Run { config } => {
+        Command::Run { config, stdout } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
@@ -148,7 +168,8 @@ pub fn main() -> ExitCode {
                 duration: None,
                 speed: Speed::Factor(1.0),
             };
-            execute(cfg, &config, Timing::Live, Sink::Mqtt, sim, false)
+            let sink = if stdout { Sink::Stdout } else { Sink::Mqtt };
+            execute(cfg, &config, Timing::Live, sink, sim, false)
         }
         Command::Simulate(args) => {
             let (cfg, path) = match &args.config {
@@ -161,6 +182,9 @@ pub fn main() -> ExitCode {
                     PathBuf::from("(built-in defaults)"),
                 ),
             };
+            if let Some(path) = &args.serial {
+                return emit_serial(cfg, path, &args);
+            }
             let sink = if args.stdout || cfg.mqtt.is_none() {
                 Sink::Stdout
             } else {
@@ -174,6 +198,61 @@ pub fn main() -> ExitCode {
                 speed: args.speed,
             };
             execute(cfg, &path, Timing::Data, sink, sim, args.duration.is_some())
+        }
+    }
+}
+
+/// `simulate --serial`: the simulated car printed as sensor lines on a serial device.
+fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
+    use crate::config::LineFormatKind;
+    cfg.source.format = Some(match args.format {
+        Some(SerialFormat::Kv) => LineFormatKind::Kv,
+        Some(SerialFormat::Csv) => LineFormatKind::Csv,
+        Some(SerialFormat::Nmea) => LineFormatKind::Nmea,
+        None => cfg.source.format.unwrap_or(LineFormatKind::Nmea),
+    });
+    cfg.source.device = Some(path.to_path_buf());
+    let parser = match cfg
+        .line_format()
+        .map_err(|(_, m)| m)
+        .and_then(|f| crate::line_protocol::LineParser::new(f).map_err(|e| e.to_string()))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("redline-agent: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("redline-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sim = SimSettings {
+        seed: args.seed.unwrap_or(cfg.source.seed),
+        start: args.start.unwrap_or_else(crate::clock::wall_now_us),
+        faults: args.faults || cfg.source.faults,
+        duration: args.duration,
+        speed: args.speed,
+    };
+    let result = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_signals(stop.clone()));
+        crate::source::emit_lines(&cfg, parser, sim, args.line_rate.max(1), stop).await
+    });
+    match result {
+        Ok(lines) => {
+            tracing::info!("wrote {lines} line(s) to {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("redline-agent: cannot write to {}: {e}", path.display());
+            ExitCode::FAILURE
         }
     }
 }

@@ -262,7 +262,9 @@ impl Config {
                 }
                 Ok(LineFormat::Kv { keys })
             }
-            Some(LineFormatKind::Csv) => Ok(LineFormat::Csv { columns: columns()? }),
+            Some(LineFormatKind::Csv) => Ok(LineFormat::Csv {
+                columns: columns()?,
+            }),
             Some(LineFormatKind::Nmea) => Ok(LineFormat::Nmea {
                 sentence: src.sentence.clone(),
                 columns: columns()?,
@@ -649,13 +651,22 @@ impl Config {
                 return e("source.baud", "must be above zero".into());
             }
             if !(5..=8).contains(&src.data_bits) {
-                return e("source.data_bits", format!("expected 5 to 8, got {}", src.data_bits));
+                return e(
+                    "source.data_bits",
+                    format!("expected 5 to 8, got {}", src.data_bits),
+                );
             }
             if !(1..=2).contains(&src.stop_bits) {
-                return e("source.stop_bits", format!("expected 1 or 2, got {}", src.stop_bits));
+                return e(
+                    "source.stop_bits",
+                    format!("expected 1 or 2, got {}", src.stop_bits),
+                );
             }
             if !(16..=65_536).contains(&src.max_line) {
-                return e("source.max_line", format!("expected 16 to 65536, got {}", src.max_line));
+                return e(
+                    "source.max_line",
+                    format!("expected 16 to 65536, got {}", src.max_line),
+                );
             }
             let format = self.line_format()?;
             crate::line_protocol::LineParser::new(format)

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod publisher;
 pub mod record;
 pub mod sampler;
+pub mod serial;
 pub mod signal;
 pub mod simulator;
 pub mod source;

@@ -4,7 +4,8 @@
 use crate::batch::{self, Batch, Batcher, Limits};
 use crate::clock::LiveClock;
 use crate::config::Config;
-use crate::config::SyncInterval;
+use crate::config::{SourceKind, SyncInterval};
+use crate::line_protocol::LineParser;
 use crate::publisher::{self, Inputs, PublisherSettings};
 use crate::record::{Reading, RecordEncoder};
 use crate::sampler::{DataClock, Sampler};
@@ -153,10 +154,26 @@ pub async fn run(
         }
     };
 
+    let clock = LiveClock::start();
     let source = {
         let config = config.clone();
         let stop = stop.clone();
-        tokio::spawn(async move { source::simulator(&config, sim, src_tx, stop).await })
+        let stats = stats.clone();
+        match (config.source.kind, timing) {
+            (SourceKind::Serial, Timing::Live) => {
+                let format = config
+                    .line_format()
+                    .map_err(|(key, message)| StartError { key, message })?;
+                let parser = LineParser::new(format).map_err(|e| StartError {
+                    key: "source".into(),
+                    message: e.to_string(),
+                })?;
+                tokio::spawn(async move {
+                    crate::serial::run(&config, parser, clock, src_tx, stats, stop).await
+                })
+            }
+            _ => tokio::spawn(async move { source::simulator(&config, sim, src_tx, stop).await }),
+        }
     };
     let sampler = Sampler::new(&config, stats.clone());
     let sampling = match timing {
@@ -169,7 +186,7 @@ pub async fn run(
             src_rx,
             reading_tx,
             sampler,
-            LiveClock::start(),
+            clock,
             stats.clone(),
             stop.clone(),
         )),

@@ -106,3 +106,67 @@ pub async fn simulator(
         }
     }
 }
+
+/// Writes the simulated car as sensor lines (`line_rate` a second, each with the latest
+/// value of every field) to the configured serial device: a bench rig for the serial source.
+pub async fn emit_lines(
+    config: &Config,
+    parser: crate::line_protocol::LineParser,
+    settings: SimSettings,
+    line_rate: u32,
+    stop: CancellationToken,
+) -> std::io::Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    use tokio_serial::SerialPortBuilderExt;
+    let mut port = crate::serial::builder(config).open_native_async()?;
+    let map = field_map(config);
+    let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
+    let end = settings
+        .duration
+        .map(|d| settings.start + d.as_micros() as Micros);
+    let every = 1_000_000 / i64::from(line_rate);
+    let mut next_line = settings.start;
+    let mut latest: Vec<Option<f64>> = vec![None; config.fields.len()];
+    let mut updates = Vec::new();
+    let mut line = Vec::with_capacity(256);
+    let mut values = Vec::with_capacity(latest.len());
+    let wall_start = Instant::now();
+    let mut written = 0u64;
+    while !stop.is_cancelled() {
+        updates.clear();
+        let now = sim.step(&mut updates);
+        for u in &updates {
+            if let Some(&(_, field)) = map.iter().find(|(s, _)| *s == u.sensor) {
+                latest[field] = Some(u.value);
+            }
+        }
+        if end.is_some_and(|e| now > e) {
+            break;
+        }
+        if now < next_line {
+            continue;
+        }
+        next_line += every;
+        values.clear();
+        values.extend(
+            latest
+                .iter()
+                .enumerate()
+                .filter_map(|(f, v)| v.map(|v| (f, v))),
+        );
+        line.clear();
+        parser.format_line(&values, &mut line);
+        line.extend_from_slice(b"\r\n");
+        port.write_all(&line).await?;
+        written += 1;
+        if let Speed::Factor(x) = settings.speed {
+            let sim_elapsed = Duration::from_micros((now - settings.start).max(0) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wall_start + sim_elapsed.div_f64(x)) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+    port.flush().await?;
+    Ok(written)
+}

@@ -1,6 +1,8 @@
 //! Counters every stage updates, read by the periodic stats line and the exit summary.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a field of a reading is `null`.
@@ -53,6 +55,11 @@ pub struct Stats {
     pub last_ack_ms: AtomicU64,
     /// Turns of the publisher loop (it turns at least once a second while alive).
     pub publisher_beats: AtomicU64,
+    /// Lines (serial) or frames (CAN) the source took in.
+    pub lines: AtomicU64,
+    pub frames: AtomicU64,
+    /// What the source could not use, by reason (bad checksum, unknown id, ...).
+    source_errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Stats {
@@ -85,6 +92,20 @@ impl Stats {
             .map_or(0, |row| row[reason as usize].load(Relaxed))
     }
 
+    /// Counts one input the source could not use.
+    pub fn source_error(&self, reason: &'static str) {
+        if let Ok(mut m) = self.source_errors.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn source_errors(&self) -> BTreeMap<&'static str, u64> {
+        self.source_errors
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     /// One line with every counter, for the log.
     pub fn line(&self) -> String {
         let g = Self::get;
@@ -114,6 +135,20 @@ impl Stats {
         }
         if !nulls.is_empty() {
             let _ = write!(s, " nulls:{nulls}");
+        }
+        let (lines, frames) = (g(&self.lines), g(&self.frames));
+        if lines > 0 {
+            let _ = write!(s, " lines={lines}");
+        }
+        if frames > 0 {
+            let _ = write!(s, " frames={frames}");
+        }
+        let errors = self.source_errors();
+        if !errors.is_empty() {
+            let _ = write!(s, " rejected:");
+            for (reason, n) in errors {
+                let _ = write!(s, " {reason}={n}");
+            }
         }
         s
     }

@@ -1,0 +1,151 @@
+//! The serial source: lines from a UART or USB adapter, framed, parsed and counted.
+//!
+//! The device may be missing at start, unplugged (EIO, ENODEV), or replaced: the source
+//! reopens it with backoff for ever, logs one line per outage, and the fields go stale
+//! meanwhile. A line is stamped when its end arrives.
+
+use crate::clock::LiveClock;
+use crate::config::{Config, Parity};
+use crate::line_framer::LineFramer;
+use crate::line_protocol::{LineError, LineParser};
+use crate::signal::{SignalUpdate, SourceEvent};
+use crate::stats::Stats;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_serial::SerialPortBuilderExt;
+use tokio_util::sync::CancellationToken;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub fn builder(config: &Config) -> tokio_serial::SerialPortBuilder {
+    let src = &config.source;
+    let path = src
+        .device
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let data_bits = match src.data_bits {
+        5 => tokio_serial::DataBits::Five,
+        6 => tokio_serial::DataBits::Six,
+        7 => tokio_serial::DataBits::Seven,
+        _ => tokio_serial::DataBits::Eight,
+    };
+    let parity = match src.parity {
+        Parity::None => tokio_serial::Parity::None,
+        Parity::Odd => tokio_serial::Parity::Odd,
+        Parity::Even => tokio_serial::Parity::Even,
+    };
+    let stop_bits = match src.stop_bits {
+        2 => tokio_serial::StopBits::Two,
+        _ => tokio_serial::StopBits::One,
+    };
+    tokio_serial::new(path, src.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(stop_bits)
+        .flow_control(tokio_serial::FlowControl::None)
+}
+
+/// Reads the configured device until `stop`.
+pub async fn run(
+    config: &Config,
+    parser: LineParser,
+    clock: LiveClock,
+    tx: mpsc::Sender<SourceEvent>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    let device = config
+        .source
+        .device
+        .as_ref()
+        .map_or_else(String::new, |d| d.display().to_string());
+    let builder = builder(config);
+    let mut framer = LineFramer::new(config.source.max_line, false);
+    let mut values = Vec::with_capacity(16);
+    let mut buf = vec![0u8; 4096];
+    let mut backoff = BACKOFF_MIN;
+    let mut outage: Option<(tokio::time::Instant, String)> = None;
+    loop {
+        let opened = builder.clone().open_native_async();
+        let mut port = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                if outage.is_none() {
+                    tracing::warn!(
+                        "serial device {device} unavailable ({e}); its fields go stale; retrying"
+                    );
+                    outage = Some((tokio::time::Instant::now(), e.to_string()));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        match outage.take() {
+            Some((since, _)) => tracing::info!(
+                "serial device {device} back after {:.1}s",
+                since.elapsed().as_secs_f64()
+            ),
+            None => tracing::info!("reading serial device {device}"),
+        }
+        backoff = BACKOFF_MIN;
+        // Whatever arrives first may be the tail of a line cut by the reconnect.
+        framer.reset(false);
+        loop {
+            let n = tokio::select! {
+                r = port.read(&mut buf) => r,
+                _ = stop.cancelled() => return,
+            };
+            let n = match n {
+                Ok(0) => {
+                    outage = Some((tokio::time::Instant::now(), "end of file".into()));
+                    tracing::warn!(
+                        "serial device {device} closed (end of file); its fields go stale; reopening"
+                    );
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(
+                        "serial device {device} lost ({e}); its fields go stale; reopening"
+                    );
+                    outage = Some((tokio::time::Instant::now(), e.to_string()));
+                    break;
+                }
+            };
+            let at = clock.now();
+            let mut events = Vec::new();
+            framer.push(&buf[..n], &mut |line| match line {
+                Ok(line) => {
+                    values.clear();
+                    parser.parse(line, &mut values, &mut |err: LineError| {
+                        stats.source_error(err.reason())
+                    });
+                    Stats::add(&stats.lines, 1);
+                    events.extend(values.iter().map(|&(field, value)| {
+                        SourceEvent::Update(SignalUpdate { field, value, at })
+                    }));
+                }
+                Err(err) => stats.source_error(LineError::from(err).reason()),
+            });
+            for ev in events {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+        drop(port);
+        tokio::select! {
+            _ = tokio::time::sleep(BACKOFF_MIN) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
