@@ -347,6 +347,9 @@ fn execute(
     match result {
         Ok(summary) => {
             tracing::info!("summary: {}", stats.line());
+            if sink == Sink::Mqtt {
+                tracing::info!("summary: {}", spool_stats.line());
+            }
             if summary.unacked_batches > 0 {
                 tracing::warn!(
                     "{} batch(es) not acknowledged by the broker yet",

@@ -147,6 +147,58 @@ pub struct FieldSpec {
 pub enum SourceKind {
     Simulator,
     Serial,
+    Can,
+}
+
+/// A record field bound to a DBC signal: `"Message.Signal"`, or a table with a unit
+/// conversion for DBCs whose units disagree with the schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SignalBinding {
+    Name(String),
+    Table {
+        signal: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        convert: Option<Convert>,
+    },
+}
+
+impl SignalBinding {
+    pub fn signal(&self) -> &str {
+        match self {
+            SignalBinding::Name(s) | SignalBinding::Table { signal: s, .. } => s,
+        }
+    }
+
+    pub fn convert(&self) -> Option<Convert> {
+        match self {
+            SignalBinding::Name(_) => None,
+            SignalBinding::Table { convert, .. } => *convert,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Convert {
+    KelvinToCelsius,
+    FahrenheitToCelsius,
+}
+
+impl Convert {
+    pub fn apply(self, v: f64) -> f64 {
+        match self {
+            Convert::KelvinToCelsius => v - 273.15,
+            Convert::FahrenheitToCelsius => (v - 32.0) * 5.0 / 9.0,
+        }
+    }
+
+    pub fn invert(self, v: f64) -> f64 {
+        match self {
+            Convert::KelvinToCelsius => v + 273.15,
+            Convert::FahrenheitToCelsius => v * 9.0 / 5.0 + 32.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +248,15 @@ pub struct Source {
     pub sentence: String,
     /// Serial: longest accepted line, in bytes.
     pub max_line: usize,
+    /// CAN: the SocketCAN interface, e.g. `can0`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// CAN: the DBC file that describes the bus.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dbc: Option<PathBuf>,
+    /// CAN: each record field bound to a `Message.Signal` of the DBC.
+    #[serde(skip_serializing_if = "IndexMap::is_empty")]
+    pub signals: IndexMap<String, SignalBinding>,
 }
 
 impl Default for Source {
@@ -214,6 +275,9 @@ impl Default for Source {
             keys: IndexMap::new(),
             sentence: "RDLTM".into(),
             max_line: 512,
+            interface: None,
+            dbc: None,
+            signals: IndexMap::new(),
         }
     }
 }
@@ -510,6 +574,11 @@ impl Config {
         {
             *dev = base.join(&*dev);
         }
+        if let Some(dbc) = &mut config.source.dbc
+            && dbc.is_relative()
+        {
+            *dbc = base.join(&*dbc);
+        }
         config
             .validate()
             .map_err(|(key, message)| err(key, message))?;
@@ -596,20 +665,22 @@ impl Config {
         if self.delivery.memory_batches == 0 {
             return e("delivery.memory_batches", "must be at least 1".into());
         }
-        if self.delivery.max_publish_per_sec > u32::from(AWS_MAX_INFLIGHT) {
+        // The token buckets allow a tenth of a second of burst (publishes) and one whole
+        // message (bytes) on top of the rate: the caps keep rate + burst within AWS's limits.
+        if self.delivery.max_publish_per_sec > 90 {
             return e(
                 "delivery.max_publish_per_sec",
                 format!(
-                    "expected 0 (no limit) to 100 (AWS IoT's limit per connection), got {}",
+                    "expected 0 (no limit) to 90 (AWS IoT allows 100 per connection; the limiter bursts 10% above the rate), got {}",
                     self.delivery.max_publish_per_sec
                 ),
             );
         }
-        if self.delivery.max_bytes_per_sec.0 > 512 * 1024 {
+        if self.delivery.max_bytes_per_sec.0 > 384 * 1024 {
             return e(
                 "delivery.max_bytes_per_sec",
                 format!(
-                    "expected 0 (no limit) to 512KiB (AWS IoT's limit per connection), got {}",
+                    "expected 0 (no limit) to 384KiB (AWS IoT allows 512 KiB/s per connection; the limiter may send one 128 KiB message early), got {}",
                     self.delivery.max_bytes_per_sec
                 ),
             );
@@ -672,6 +743,41 @@ impl Config {
             crate::line_protocol::LineParser::new(format)
                 .map_err(|err| ("source".to_string(), err.to_string()))?;
         }
+        if src.kind == SourceKind::Can {
+            if src.interface.as_deref().is_none_or(str::is_empty) {
+                return e(
+                    "source.interface",
+                    "a CAN source needs an interface, e.g. \"can0\"".into(),
+                );
+            }
+            if src.dbc.is_none() {
+                return e("source.dbc", "a CAN source needs a DBC file".into());
+            }
+            if src.signals.is_empty() {
+                return e(
+                    "source.signals",
+                    "bind at least one record field to a DBC signal, e.g. engine_rpm = \"Engine.RPM\"".into(),
+                );
+            }
+        }
+        for (field, binding) in &src.signals {
+            let key = format!("source.signals.{field}");
+            if !self.fields.contains_key(field) {
+                return e(
+                    &key,
+                    format!(
+                        "`{field}` is not a record field (fields: {})",
+                        self.field_names().join(", ")
+                    ),
+                );
+            }
+            if split_signal(binding.signal()).is_none() {
+                return e(
+                    &key,
+                    format!("expected \"Message.Signal\", got {:?}", binding.signal()),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -727,15 +833,18 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the files the configuration names (certificates, key): readable and usable.
-    /// Separate from parsing so a config can be checked before its certificates are installed.
+    /// Checks the files the configuration names (certificates, key, DBC): readable and
+    /// usable. Separate from parsing so a config can be checked before they are installed.
     pub fn check_files(&self, file: &str) -> Result<(), ConfigError> {
-        let Some(m) = &self.mqtt else { return Ok(()) };
         let err = |key: &str, message: String| ConfigError {
             file: file.to_string(),
             key: key.to_string(),
             message,
         };
+        if self.source.kind == SourceKind::Can {
+            crate::can::Decoding::from_config(self).map_err(|(key, msg)| err(&key, msg))?;
+        }
+        let Some(m) = &self.mqtt else { return Ok(()) };
         for (key, path) in [
             ("mqtt.ca", &m.ca),
             ("mqtt.cert", &m.cert),
@@ -800,6 +909,12 @@ pub fn expand_topic(template: &str, vehicle_id: &str) -> Result<String, String> 
         ));
     }
     Ok(out)
+}
+
+/// `"Message.Signal"` → `("Message", "Signal")`.
+pub fn split_signal(s: &str) -> Option<(&str, &str)> {
+    let (m, sig) = s.split_once('.')?;
+    (!m.is_empty() && !sig.is_empty() && !sig.contains('.')).then_some((m, sig))
 }
 
 fn unknown_field_name(msg: &str) -> Option<String> {

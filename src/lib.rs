@@ -4,6 +4,7 @@
 //! back once, through `delivery`.
 
 pub mod batch;
+pub mod can;
 pub mod candump;
 pub mod cli;
 pub mod clock;

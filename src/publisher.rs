@@ -195,8 +195,8 @@ impl RateLimits {
             RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
         });
         let bytes = NonZeroU32::new(bytes_per_sec.min(u64::from(u32::MAX)) as u32).map(|rate| {
-            // A whole message must fit the bucket.
-            let burst = (rate.get() / 10).max(crate::config::AWS_MAX_PAYLOAD as u32 + 1024);
+            // A whole message must fit the bucket; that is the whole burst.
+            let burst = crate::config::AWS_MAX_PAYLOAD as u32 + 1024;
             let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
             RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
         });

@@ -380,10 +380,10 @@ impl SpoolLog {
                 let mut payload = Vec::new();
                 if r.read_exact(&mut magic).is_ok() {
                     while let Ok(Some(h)) = read_frame(&mut r, &mut payload) {
-                        let delivered = h.seq < self.base
-                            || self.acked.contains(&h.seq)
-                            || self.outstanding.contains(&h.seq);
-                        if delivered {
+                        // A batch the publisher holds is no longer durable either: it is
+                        // counted, and delivered after all if its PUBACK still comes.
+                        self.outstanding.remove(&h.seq);
+                        if h.seq < self.base || self.acked.contains(&h.seq) {
                             continue;
                         }
                         if let Some((n, first, last)) = frame::summary(&payload) {
@@ -403,6 +403,7 @@ impl SpoolLog {
                 self.cursor.reader = None;
             }
             self.cursor.floor = self.cursor.floor.max(next_first);
+            self.outstanding = self.outstanding.split_off(&next_first);
             self.base = self.base.max(next_first.min(self.done_below()));
         }
         if dropped.batches > 0 {

@@ -73,6 +73,22 @@ pub struct SpoolStats {
     pub backlog_parcels: AtomicU64,
 }
 
+impl SpoolStats {
+    pub fn line(&self) -> String {
+        let g = Stats::get;
+        format!(
+            "spool: unacked_batches={} bytes={} dropped_at_cap_readings={} corrupt_cuts={} corrupt_bytes={} write_errors={} dropped_from_memory_readings={}",
+            g(&self.unacked_batches),
+            g(&self.bytes),
+            g(&self.cap_dropped_readings),
+            g(&self.corrupt_cuts),
+            g(&self.corrupt_bytes),
+            g(&self.write_errors),
+            g(&self.memory_dropped_readings),
+        )
+    }
+}
+
 pub struct Channels {
     pub live: mpsc::Receiver<Parcel>,
     pub backlog: mpsc::Receiver<Parcel>,

@@ -310,29 +310,54 @@ pub fn broker_pid(broker_dir: &Path) -> u32 {
     panic!("no mosquitto process runs with {conf}");
 }
 
-/// One telemetry message and when the test thread first saw it.
+/// One telemetry message and when it arrived: after `after` (the poll before that saw
+/// nothing of it) and no later than `at` (the poll that saw it).
 #[derive(Debug, Clone)]
 pub struct Arrival {
+    pub after: Instant,
     pub at: Instant,
     pub payload: String,
 }
 
-/// Arrival times of the telemetry messages of a subscriber, measured by polling.
-#[derive(Debug, Default)]
+/// Arrival times of the telemetry messages of a subscriber, measured by polling. Each
+/// message is bracketed by two polls, so a stalled test thread widens the bracket instead
+/// of bunching arrivals together.
+#[derive(Debug)]
 pub struct Arrivals {
     pub msgs: Vec<Arrival>,
+    last_poll: Instant,
 }
 
 impl Arrivals {
+    /// Messages already received when this is made count as arriving at the first poll.
+    pub fn new() -> Arrivals {
+        Arrivals {
+            msgs: Vec::new(),
+            last_poll: Instant::now(),
+        }
+    }
+
     /// Records the messages that arrived since the last call; returns how many.
     pub fn poll(&mut self, sub: &Subscriber) -> usize {
-        let now = Instant::now();
+        let after = self.last_poll;
         let all = sub.telemetry();
+        let now = Instant::now();
+        self.last_poll = now;
         let new = all.len().saturating_sub(self.msgs.len());
         for (_, payload) in all.into_iter().skip(self.msgs.len()) {
-            self.msgs.push(Arrival { at: now, payload });
+            self.msgs.push(Arrival {
+                after,
+                at: now,
+                payload,
+            });
         }
         new
+    }
+}
+
+impl Default for Arrivals {
+    fn default() -> Self {
+        Arrivals::new()
     }
 }
 

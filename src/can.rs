@@ -1,0 +1,346 @@
+//! CAN: the bindings of record fields to DBC signals, the SocketCAN source, and the frames
+//! the simulated car puts on its bus.
+//!
+//! The SocketCAN source installs kernel filters for the bound identifiers only, so a busy
+//! bus costs the process nothing it does not use. A missing interface, a link going down,
+//! bus-off, or the interface disappearing and coming back: the source reopens it with
+//! backoff, the fields go stale meanwhile, and the process never exits for it.
+
+use crate::clock::LiveClock;
+use crate::config::{Config, Convert, SignalBinding, SourceKind, split_signal};
+use crate::dbc::{Dbc, Decoder, SignalRef};
+use crate::signal::{Micros, SignalUpdate, SourceEvent};
+use crate::simulator::Sensor;
+use crate::stats::Stats;
+use socketcan::{CanAnyFrame, CanFilter, EmbeddedFrame, Frame, SocketOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The bus of the simulated car (shipped as `config/redline-gt3.dbc`).
+pub const GT3_DBC: &str = include_str!("../config/redline-gt3.dbc");
+
+/// Where the simulated car's sensors sit on the GT3 bus.
+pub const GT3_BINDINGS: [(&str, &str); 4] = [
+    ("brake_disc_temp_fl", "BrakeTemps.DiscFL"),
+    ("brake_disc_temp_fr", "BrakeTemps.DiscFR"),
+    ("engine_rpm", "Engine.RPM"),
+    ("engine_oil_temp", "EngineTemps.OilTemp"),
+];
+
+/// Decodes frames into field values, with the per-field unit conversions.
+pub struct Decoding {
+    decoder: Decoder,
+    convert: Vec<Option<Convert>>,
+    /// (field, signal) for every binding, for the encoder of the simulated car.
+    bound: Vec<(usize, SignalRef, Option<Convert>)>,
+    scratch: Vec<(usize, f64)>,
+}
+
+impl Decoding {
+    /// From `[source] dbc` and `[source.signals]`; errors name the config key.
+    pub fn from_config(config: &Config) -> Result<Self, (String, String)> {
+        let path = config.source.dbc.as_ref().ok_or_else(|| {
+            (
+                "source.dbc".to_string(),
+                "a CAN source needs a DBC file".to_string(),
+            )
+        })?;
+        let dbc = Dbc::load(path).map_err(|e| ("source.dbc".to_string(), e.to_string()))?;
+        let bindings: Vec<(String, SignalBinding)> = config
+            .source
+            .signals
+            .iter()
+            .map(|(f, b)| (f.clone(), b.clone()))
+            .collect();
+        Self::new(config, &dbc, &bindings, &path.display().to_string())
+    }
+
+    /// The simulated car's bus: the config's own DBC for a CAN source, else the GT3 bus
+    /// with its sensors bound to the record fields of the same names.
+    pub fn for_simulator(config: &Config) -> Result<Self, (String, String)> {
+        if config.source.kind == SourceKind::Can {
+            return Self::from_config(config);
+        }
+        let dbc = Dbc::from_text(GT3_DBC).map_err(|e| ("source".to_string(), e.to_string()))?;
+        let bindings: Vec<(String, SignalBinding)> = GT3_BINDINGS
+            .iter()
+            .filter(|(f, _)| config.fields.contains_key(*f))
+            .map(|(f, s)| (f.to_string(), SignalBinding::Name(s.to_string())))
+            .collect();
+        Self::new(config, &dbc, &bindings, "the built-in GT3 bus")
+    }
+
+    fn new(
+        config: &Config,
+        dbc: &Dbc,
+        bindings: &[(String, SignalBinding)],
+        dbc_name: &str,
+    ) -> Result<Self, (String, String)> {
+        let mut refs = Vec::new();
+        let mut convert = vec![None; config.fields.len()];
+        let mut bound = Vec::new();
+        for (field, binding) in bindings {
+            let key = format!("source.signals.{field}");
+            let Some(index) = config.fields.get_index_of(field) else {
+                return Err((key, format!("`{field}` is not a record field")));
+            };
+            let (message, signal) = split_signal(binding.signal()).ok_or_else(|| {
+                (
+                    key.clone(),
+                    format!("expected \"Message.Signal\", got {:?}", binding.signal()),
+                )
+            })?;
+            let r = dbc
+                .signal(message, signal)
+                .map_err(|e| (key.clone(), format!("{e} in {dbc_name}")))?;
+            refs.push((r, index));
+            convert[index] = binding.convert();
+            bound.push((index, r, binding.convert()));
+        }
+        let decoder =
+            Decoder::new(dbc, &refs).map_err(|e| ("source.signals".to_string(), e.to_string()))?;
+        Ok(Self {
+            decoder,
+            convert,
+            bound,
+            scratch: Vec::with_capacity(16),
+        })
+    }
+
+    /// Kernel receive filters: exactly the identifiers that carry bound signals.
+    pub fn filters(&self) -> Vec<CanFilter> {
+        self.decoder
+            .ids()
+            .iter()
+            .map(|id| {
+                if id.extended {
+                    CanFilter::new(id.id | libc_eff_flag(), 0x1FFF_FFFF | libc_eff_flag())
+                } else {
+                    CanFilter::new(id.id, 0x7FF | libc_eff_flag())
+                }
+            })
+            .collect()
+    }
+
+    /// Decodes one frame stamped `at` into updates; a frame it cannot use is counted by
+    /// reason and skipped.
+    pub fn decode(
+        &mut self,
+        id: u32,
+        extended: bool,
+        data: &[u8],
+        at: Micros,
+        stats: &Stats,
+        out: &mut Vec<SourceEvent>,
+    ) {
+        Stats::add(&stats.frames, 1);
+        self.scratch.clear();
+        if let Err(e) = self.decoder.decode(id, extended, data, &mut self.scratch) {
+            stats.source_error(e.reason());
+            return;
+        }
+        for &(field, value) in &self.scratch {
+            let value = match self.convert.get(field).copied().flatten() {
+                Some(c) => c.apply(value),
+                None => value,
+            };
+            out.push(SourceEvent::Update(SignalUpdate { field, value, at }));
+        }
+    }
+
+    pub fn dbc(&self) -> &Dbc {
+        self.decoder.dbc()
+    }
+}
+
+const fn libc_eff_flag() -> u32 {
+    0x8000_0000
+}
+
+/// Encodes the simulated car's sensor values into the frames of its bus: each frame
+/// carries the latest value of every bound signal of its message.
+pub struct FrameEncoder {
+    dbc: Dbc,
+    /// Per sensor: the field it feeds, if bound.
+    sensor_field: Vec<(Sensor, usize)>,
+    /// Per field: (message name, signal name, conversion).
+    signal_of: Vec<Option<(String, String, Option<Convert>)>>,
+    latest: Vec<Option<f64>>,
+}
+
+/// One CAN frame: identifier and payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawFrame {
+    pub id: u32,
+    pub extended: bool,
+    pub len: usize,
+    pub data: [u8; 64],
+}
+
+impl RawFrame {
+    pub fn data(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+impl FrameEncoder {
+    pub fn new(config: &Config, decoding: &Decoding) -> Self {
+        let dbc = decoding.dbc().clone();
+        let mut signal_of = vec![None; config.fields.len()];
+        for &(field, r, convert) in &decoding.bound {
+            if let Ok((m, s)) = dbc.resolve(r) {
+                signal_of[field] = Some((m.name.clone(), s.name.clone(), convert));
+            }
+        }
+        let sensor_field = Sensor::ALL
+            .iter()
+            .filter_map(|&s| config.fields.get_index_of(s.name()).map(|f| (s, f)))
+            .filter(|(_, f)| signal_of[*f].is_some())
+            .collect();
+        Self {
+            dbc,
+            sensor_field,
+            signal_of,
+            latest: vec![None; config.fields.len()],
+        }
+    }
+
+    /// The frame that carries a new value of `sensor`, if it is on the bus and the value
+    /// can be encoded (a real ECU cannot put NaN or a negative RPM on an unsigned signal:
+    /// that update is simply not sent).
+    pub fn frame(&mut self, sensor: Sensor, value: f64) -> Option<RawFrame> {
+        let &(_, field) = self.sensor_field.iter().find(|(s, _)| *s == sensor)?;
+        let (message, _, _) = self.signal_of[field].clone()?;
+        self.latest[field] = Some(value);
+        let mut values: Vec<(&str, f64)> = Vec::new();
+        for (f, sig) in self.signal_of.iter().enumerate() {
+            if let (Some((m, s, convert)), Some(v)) = (sig, self.latest[f])
+                && *m == message
+            {
+                let raw = convert.map_or(v, |c| c.invert(v));
+                values.push((s.as_str(), raw));
+            }
+        }
+        let msg = self.dbc.message(&message).ok()?;
+        let (id, extended) = (msg.id.id, msg.id.extended);
+        let mut data = [0u8; 64];
+        let len = self.dbc.encode(&message, &values, &mut data).ok()?;
+        Some(RawFrame {
+            id,
+            extended,
+            len,
+            data,
+        })
+    }
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Reads the configured interface until `stop`.
+pub async fn run(
+    config: &Config,
+    mut decoding: Decoding,
+    clock: LiveClock,
+    tx: mpsc::Sender<SourceEvent>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    let iface = config.source.interface.clone().unwrap_or_default();
+    let filters = decoding.filters();
+    let mut backoff = BACKOFF_MIN;
+    let mut outage: Option<tokio::time::Instant> = None;
+    let mut events = Vec::with_capacity(16);
+    loop {
+        let socket = socketcan::tokio::CanFdSocket::open(&iface).and_then(|s| {
+            s.set_filters(&filters)?;
+            // Error frames tell us about bus-off; nothing else of them is used.
+            s.set_error_filter(
+                socketcan::errors::CAN_ERR_BUSOFF | socketcan::errors::CAN_ERR_RESTARTED,
+            )?;
+            Ok(s)
+        });
+        let socket = match socket {
+            Ok(s) => s,
+            Err(e) => {
+                if outage.is_none() {
+                    tracing::warn!(
+                        "CAN interface {iface} unavailable ({e}); its fields go stale; retrying"
+                    );
+                    outage = Some(tokio::time::Instant::now());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        match outage.take() {
+            Some(since) => tracing::info!(
+                "CAN interface {iface} back after {:.1}s",
+                since.elapsed().as_secs_f64()
+            ),
+            None => tracing::info!(
+                "reading CAN interface {iface} ({} identifier(s) filtered in the kernel)",
+                filters.len()
+            ),
+        }
+        backoff = BACKOFF_MIN;
+        loop {
+            let frame = tokio::select! {
+                f = socket.read_frame() => f,
+                _ = stop.cancelled() => return,
+            };
+            let at = clock.now();
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(
+                        "CAN interface {iface} lost ({e}); its fields go stale; reopening"
+                    );
+                    outage = Some(tokio::time::Instant::now());
+                    break;
+                }
+            };
+            match &frame {
+                CanAnyFrame::Normal(f) => decoding.decode(
+                    f.raw_id(),
+                    f.is_extended(),
+                    f.data(),
+                    at,
+                    &stats,
+                    &mut events,
+                ),
+                CanAnyFrame::Fd(f) => decoding.decode(
+                    f.raw_id(),
+                    f.is_extended(),
+                    f.data(),
+                    at,
+                    &stats,
+                    &mut events,
+                ),
+                CanAnyFrame::Remote(_) => stats.source_error("remote_frame"),
+                CanAnyFrame::Error(e) => {
+                    stats.source_error("error_frame");
+                    tracing::warn!(
+                        "CAN interface {iface}: controller error ({:?})",
+                        e.error_bits()
+                    );
+                }
+            }
+            for ev in events.drain(..) {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
