@@ -212,7 +212,15 @@ impl FrameEncoder {
     /// that update is simply not sent).
     pub fn frame(&mut self, sensor: Sensor, value: f64) -> Option<RawFrame> {
         let &(_, field) = self.sensor_field.iter().find(|(s, _)| *s == sensor)?;
-        let (message, _, _) = self.signal_of[field].clone()?;
+        let (message, signal, _) = self.signal_of[field].clone()?;
+        // A sensor that fails sends its "invalid" code, all ones, as real ECUs do; the
+        // agent sees a value outside the physical range and records null.
+        let value = if value.is_finite() {
+            value
+        } else {
+            let msg = self.dbc.message(&message).ok()?;
+            msg.signal(&signal)?.physical_range().1
+        };
         self.latest[field] = Some(value);
         let mut values: Vec<(&str, f64)> = Vec::new();
         for (f, sig) in self.signal_of.iter().enumerate() {

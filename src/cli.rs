@@ -51,6 +51,21 @@ pub enum Command {
     /// Bench mode: a simulated car replaces the configured source; sampling, batching and
     /// publishing are the real path.
     Simulate(SimulateArgs),
+    /// Replay a `candump -L` log through the real decoding path, on the log's own clock.
+    Replay {
+        /// The candump log.
+        file: PathBuf,
+        /// Configuration file ([source] dbc and signals; without a CAN source, the
+        /// simulated car's GT3 bus).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print each message payload on stdout instead of publishing.
+        #[arg(long)]
+        stdout: bool,
+        /// Time compression: a factor such as `10`, or `max`.
+        #[arg(long, default_value = "max")]
+        speed: Speed,
+    },
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
         /// Configuration file.
@@ -116,6 +131,10 @@ pub struct SimulateArgs {
     /// Line format for `--serial` (default: `source.format` of the config, else nmea).
     #[arg(long, value_enum, requires = "serial")]
     pub format: Option<SerialFormat>,
+    /// Put the simulated car's frames on this CAN interface (a bench rig for the CAN source)
+    /// instead of running the pipeline.
+    #[arg(long, value_name = "IFACE", conflicts_with = "serial")]
+    pub can: Option<String>,
     /// Lines per second for `--serial`.
     #[arg(long, default_value_t = 20, requires = "serial")]
     pub line_rate: u32,
@@ -156,6 +175,43 @@ pub fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Spool(cmd) => spool_command(cmd),
+        Command::Replay {
+            file,
+            config,
+            stdout,
+            speed,
+        } => {
+            let (cfg, path) = match &config {
+                Some(p) => match Config::load(p) {
+                    Ok(c) => (c, p.clone()),
+                    Err(e) => return config_failure(&e),
+                },
+                None => (
+                    Config::bench_default(),
+                    PathBuf::from("(built-in defaults)"),
+                ),
+            };
+            let sink = if stdout || cfg.mqtt.is_none() {
+                Sink::Stdout
+            } else {
+                Sink::Mqtt
+            };
+            let replay = crate::replay::Replay {
+                file,
+                speed,
+                interface: (cfg.source.kind == crate::config::SourceKind::Can)
+                    .then(|| cfg.source.interface.clone())
+                    .flatten(),
+            };
+            let sim = SimSettings {
+                seed: 0,
+                start: 0,
+                faults: false,
+                duration: None,
+                speed,
+            };
+            execute_with(cfg, &path, Timing::Data, sink, sim, true, Some(replay))
+        }
         Command::Run { config, stdout } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -184,6 +240,9 @@ pub fn main() -> ExitCode {
             };
             if let Some(path) = &args.serial {
                 return emit_serial(cfg, path, &args);
+            }
+            if let Some(iface) = &args.can {
+                return emit_can(cfg, iface, &args);
             }
             let sink = if args.stdout || cfg.mqtt.is_none() {
                 Sink::Stdout
@@ -257,6 +316,42 @@ fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
     }
 }
 
+/// `simulate --can`: the simulated car's frames on a real CAN interface.
+fn emit_can(cfg: Config, iface: &str, args: &SimulateArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("redline-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sim = SimSettings {
+        seed: args.seed.unwrap_or(cfg.source.seed),
+        start: args.start.unwrap_or_else(crate::clock::wall_now_us),
+        faults: args.faults || cfg.source.faults,
+        duration: args.duration,
+        speed: args.speed,
+    };
+    let result = runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_signals(stop.clone()));
+        crate::source::emit_can(&cfg, iface, sim, stop).await
+    });
+    match result {
+        Ok(frames) => {
+            tracing::info!("sent {frames} frame(s) on {iface}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("redline-agent: cannot send on CAN interface {iface}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn config_failure(e: &ConfigError) -> ExitCode {
     eprintln!("redline-agent: {e}");
     ExitCode::from(EXIT_CONFIG)
@@ -269,6 +364,18 @@ fn execute(
     sink: Sink,
     sim: SimSettings,
     finite: bool,
+) -> ExitCode {
+    execute_with(config, path, timing, sink, sim, finite, None)
+}
+
+fn execute_with(
+    config: Config,
+    path: &Path,
+    timing: Timing,
+    sink: Sink,
+    sim: SimSettings,
+    finite: bool,
+    replay: Option<crate::replay::Replay>,
 ) -> ExitCode {
     if sink == Sink::Mqtt
         && let Err(e) = config.check_files(&path.display().to_string())
@@ -296,9 +403,11 @@ fn execute(
         env!("CARGO_PKG_VERSION"),
         config.vehicle.id,
         path.display(),
-        match timing {
-            Timing::Live => "live sampling",
-            Timing::Data => "simulated car",
+        match (timing, &replay) {
+            (_, Some(r)) => format!("replay of {}", r.file.display()),
+            (Timing::Live, None) =>
+                format!("live sampling ({:?} source)", config.source.kind).to_lowercase(),
+            (Timing::Data, None) => "simulated car".to_string(),
         },
         match (sink, config.topic()) {
             (Sink::Mqtt, Some(t)) => t,
@@ -337,6 +446,7 @@ fn execute(
             segment_bytes: spool.segment_bytes.0,
             max_bytes: spool.max_bytes.0,
         },
+        replay,
     };
     let spool_stats = Arc::new(crate::spool::SpoolStats::default());
     let result = runtime.block_on(async {

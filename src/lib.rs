@@ -19,6 +19,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod publisher;
 pub mod record;
+pub mod replay;
 pub mod sampler;
 pub mod serial;
 pub mod signal;

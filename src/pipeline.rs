@@ -42,6 +42,8 @@ pub struct Plan {
     pub sim: SimSettings,
     /// Where the spool lives (publishing only).
     pub spool: spool::Options,
+    /// A candump log to replay instead of the configured source.
+    pub replay: Option<crate::replay::Replay>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +78,7 @@ pub async fn run(
         sink,
         sim,
         spool: spool_opts,
+        replay,
     } = plan;
     let stop = stop.child_token();
     let period = 1_000_000 / i64::from(config.sampling.rate_hz);
@@ -160,6 +163,24 @@ pub async fn run(
         let stop = stop.clone();
         let stats = stats.clone();
         match (config.source.kind, timing) {
+            _ if replay.is_some() => {
+                let decoding = match config.source.kind {
+                    SourceKind::Can => crate::can::Decoding::from_config(&config),
+                    _ => crate::can::Decoding::for_simulator(&config),
+                }
+                .map_err(|(key, message)| StartError { key, message })?;
+                let replay = replay.ok_or_else(|| StartError {
+                    key: String::new(),
+                    message: "no log to replay".into(),
+                })?;
+                tokio::spawn(async move {
+                    let file = replay.file.display().to_string();
+                    if let Err(e) = crate::replay::run(replay, decoding, stats, src_tx, stop).await
+                    {
+                        tracing::error!("cannot read {file}: {e}");
+                    }
+                })
+            }
             (SourceKind::Serial, Timing::Live) => {
                 let format = config
                     .line_format()
@@ -172,7 +193,22 @@ pub async fn run(
                     crate::serial::run(&config, parser, clock, src_tx, stats, stop).await
                 })
             }
-            _ => tokio::spawn(async move { source::simulator(&config, sim, src_tx, stop).await }),
+            (SourceKind::Can, Timing::Live) => {
+                let decoding = crate::can::Decoding::from_config(&config)
+                    .map_err(|(key, message)| StartError { key, message })?;
+                tokio::spawn(async move {
+                    crate::can::run(&config, decoding, clock, src_tx, stats, stop).await
+                })
+            }
+            _ => {
+                let decoding = crate::can::Decoding::for_simulator(&config)
+                    .map_err(|(key, message)| StartError { key, message })?;
+                let encoder = crate::can::FrameEncoder::new(&config, &decoding);
+                tokio::spawn(async move {
+                    source::simulator(&config, sim, Some((encoder, decoding)), stats, src_tx, stop)
+                        .await
+                })
+            }
         }
     };
     let sampler = Sampler::new(&config, stats.clone());

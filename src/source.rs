@@ -47,13 +47,19 @@ fn field_map(config: &Config) -> Vec<(Sensor, FieldId)> {
 
 /// Runs the simulated car and sends its sensor values; ends at the end of the duration or
 /// when `stop` fires, with a last `Clock` event so the sampler takes every tick before it.
+///
+/// The car's values travel as they would on the real car: encoded into frames of its CAN bus
+/// (`bus`), then decoded by the same decoder a CAN source uses.
 pub async fn simulator(
     config: &Config,
     settings: SimSettings,
+    mut bus: Option<(crate::can::FrameEncoder, crate::can::Decoding)>,
+    stats: std::sync::Arc<crate::stats::Stats>,
     tx: mpsc::Sender<SourceEvent>,
     stop: CancellationToken,
 ) {
     let map = field_map(config);
+    let mut decoded = Vec::new();
     let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
     let end = settings
         .duration
@@ -75,7 +81,16 @@ pub async fn simulator(
             if end.is_some_and(|e| u.at >= e) {
                 continue;
             }
-            if let Some(&(_, field)) = map.iter().find(|(s, _)| *s == u.sensor) {
+            if let Some((encoder, decoding)) = &mut bus {
+                if let Some(f) = encoder.frame(u.sensor, u.value) {
+                    decoding.decode(f.id, f.extended, f.data(), u.at, &stats, &mut decoded);
+                }
+                for ev in decoded.drain(..) {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            } else if let Some(&(_, field)) = map.iter().find(|(s, _)| *s == u.sensor) {
                 let ev = SourceEvent::Update(SignalUpdate {
                     field,
                     value: u.value,
@@ -169,4 +184,72 @@ pub async fn emit_lines(
     }
     port.flush().await?;
     Ok(written)
+}
+
+/// Puts the simulated car's frames on a real CAN interface, paced at `settings.speed`: a
+/// bench rig for the CAN source.
+pub async fn emit_can(
+    config: &Config,
+    iface: &str,
+    settings: SimSettings,
+    stop: CancellationToken,
+) -> std::io::Result<u64> {
+    use socketcan::{CanFdFrame, CanFrame, EmbeddedFrame, ExtendedId, Id, StandardId};
+    let decoding = crate::can::Decoding::for_simulator(config)
+        .map_err(|(k, m)| std::io::Error::other(format!("{k}: {m}")))?;
+    let mut encoder = crate::can::FrameEncoder::new(config, &decoding);
+    let socket = socketcan::tokio::CanFdSocket::open(iface)?;
+    let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
+    let end = settings
+        .duration
+        .map(|d| settings.start + d.as_micros() as Micros);
+    let wall_start = Instant::now();
+    let mut updates = Vec::new();
+    let mut sent = 0u64;
+    let mut steps = 0u64;
+    while !stop.is_cancelled() {
+        updates.clear();
+        let now = sim.step(&mut updates);
+        if end.is_some_and(|e| now > e) {
+            break;
+        }
+        for u in &updates {
+            let Some(f) = encoder.frame(u.sensor, u.value) else {
+                continue;
+            };
+            let id: Option<Id> = if f.extended {
+                ExtendedId::new(f.id).map(Id::Extended)
+            } else {
+                u16::try_from(f.id)
+                    .ok()
+                    .and_then(StandardId::new)
+                    .map(Id::Standard)
+            };
+            let Some(id) = id else { continue };
+            let result = if f.len <= 8 {
+                match CanFrame::new(id, f.data()) {
+                    Some(frame) => socket.write_frame(&frame).await,
+                    None => continue,
+                }
+            } else {
+                match CanFdFrame::new(id, f.data()) {
+                    Some(frame) => socket.write_frame(&frame).await,
+                    None => continue,
+                }
+            };
+            result?;
+            sent += 1;
+        }
+        steps += 1;
+        if let Speed::Factor(x) = settings.speed
+            && steps.is_multiple_of(5)
+        {
+            let sim_elapsed = Duration::from_micros((now - settings.start).max(0) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep_until(wall_start + sim_elapsed.div_f64(x)) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+    Ok(sent)
 }
