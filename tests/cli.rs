@@ -255,6 +255,17 @@ fn install_shipped_config(file: &str, dir: &Path, pki: &Pki) -> PathBuf {
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
         std::fs::copy(material, &target).unwrap();
     }
+    // A DBC named relative to the config ships beside it in the repository.
+    if let Some(rel) = table
+        .get("source")
+        .and_then(|s| s.get("dbc"))
+        .and_then(|v| v.as_str())
+    {
+        let from = src.parent().unwrap().join(rel);
+        let target = dest.parent().unwrap().join(rel);
+        std::fs::copy(&from, &target)
+            .unwrap_or_else(|e| panic!("{file}: source.dbc {}: {e}", from.display()));
+    }
     dest
 }
 
@@ -272,6 +283,13 @@ fn shipped_configs_are_valid() {
             out.describe()
         );
         assert_no_panic(&out, file);
+        // In place, before the certificates are installed.
+        let here = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let out = run_agent(
+            &["check-config", "--no-files", "--config", path_str(&here)],
+            QUICK,
+        );
+        assert_exit(&out, 0, &format!("check-config --no-files {file}"));
     }
 }
 
