@@ -144,6 +144,15 @@ pub struct Message {
     pub payload: bytes::Bytes,
     pub records: usize,
     pub batches: Vec<u64>,
+    /// A status message: its own topic, maybe retained. `None`: telemetry.
+    pub control: Option<std::sync::Arc<Control>>,
+}
+
+/// Where a status message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    pub topic: String,
+    pub retain: bool,
 }
 
 /// Turns a batch into the messages that carry it: one `{"records":[...]}` message, or one
@@ -159,6 +168,7 @@ pub fn messages_for(batch: &Batch, mode: PayloadMode, out: &mut Vec<Message>) {
                 payload: p.into(),
                 records: batch.len(),
                 batches: vec![batch.seq],
+                control: None,
             });
         }
         PayloadMode::Single => {
@@ -166,6 +176,7 @@ pub fn messages_for(batch: &Batch, mode: PayloadMode, out: &mut Vec<Message>) {
                 payload: bytes::Bytes::copy_from_slice(r),
                 records: 1,
                 batches: vec![batch.seq],
+                control: None,
             }));
         }
     }

@@ -76,6 +76,18 @@ pub enum Command {
         #[arg(long)]
         no_files: bool,
     },
+    /// Show what the running agent last wrote to its status file: link, backlog, counters.
+    Status {
+        /// Configuration file (for `status.file`).
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Read this status file instead of the configured one.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print the raw JSON snapshot.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the disk spool (works while the daemon is stopped).
     #[command(subcommand)]
     Spool(SpoolCommand),
@@ -175,6 +187,7 @@ pub fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Spool(cmd) => spool_command(cmd),
+        Command::Status { config, file, json } => status_command(&config, file, json),
         Command::Replay {
             file,
             config,
@@ -414,6 +427,10 @@ fn execute_with(
             _ => "stdout".to_string(),
         }
     );
+    // The daemon always writes its status file; a bench run only when the config names one.
+    let status_file = (timing == Timing::Live
+        || config.status.file.as_os_str() != crate::config::DEFAULT_STATUS_FILE)
+        .then(|| config.status.file.clone());
     // `simulate` without a [spool] table gets a spool of its own that ends with the run.
     let mut _temporary = None;
     let spool = match (&config.spool, timing) {
@@ -447,6 +464,7 @@ fn execute_with(
             max_bytes: spool.max_bytes.0,
         },
         replay,
+        status_file,
     };
     let spool_stats = Arc::new(crate::spool::SpoolStats::default());
     let result = runtime.block_on(async {
@@ -527,6 +545,54 @@ fn spool_command(cmd: SpoolCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn status_command(config: &Path, file: Option<PathBuf>, json: bool) -> ExitCode {
+    let path = match file {
+        Some(f) => f,
+        None => match Config::load(config) {
+            Ok(c) => c.status.file,
+            Err(e) => return config_failure(&e),
+        },
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "redline-agent: no status at {} ({e}): is the agent running? (systemctl status redline-agent)",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    let value: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!(
+                "redline-agent: {} is not a status snapshot: {e}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let age = value
+        .get("at_ms")
+        .and_then(serde_json::Value::as_i64)
+        .map(|at| ((crate::clock::wall_now_us() / 1000 - at).max(0) / 1000) as u64);
+    print!("{}", crate::health::render(&value, age));
+    if value.get("state").and_then(serde_json::Value::as_str) == Some("stopped") {
+        println!("the agent has stopped");
+    } else if age.is_some_and(|a| a > 60) {
+        println!(
+            "WARNING: the snapshot is {} s old: the agent may be hung or stopped",
+            age.unwrap_or(0)
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn format_ms(ms: i64) -> String {

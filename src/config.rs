@@ -36,7 +36,37 @@ pub struct Config {
     /// `None`: not in the file. `run` then uses the defaults; `simulate` a temporary spool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool: Option<Spool>,
+    #[serde(default)]
+    pub status: Status,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Status {
+    /// Status messages over MQTT: online at connect (retained), the last will (retained
+    /// offline), the counters every `interval`.
+    pub enabled: bool,
+    pub topic: String,
+    pub interval: Dur,
+    /// The local snapshot `redline-agent status` reads ("" to write none). `simulate` and
+    /// `replay` write it only when the config names it.
+    pub file: PathBuf,
+    pub file_interval: Dur,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            topic: "redline/status/{vehicle_id}".into(),
+            interval: Dur(Duration::from_secs(60)),
+            file: PathBuf::from(DEFAULT_STATUS_FILE),
+            file_interval: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+pub const DEFAULT_STATUS_FILE: &str = "/run/redline-agent/status.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -506,6 +536,7 @@ impl Config {
             mqtt: None,
             delivery: Delivery::default(),
             spool: None,
+            status: Status::default(),
         }
     }
 
@@ -578,6 +609,9 @@ impl Config {
             && dbc.is_relative()
         {
             *dbc = base.join(&*dbc);
+        }
+        if config.status.file.is_relative() && !config.status.file.as_os_str().is_empty() {
+            config.status.file = base.join(&config.status.file);
         }
         config
             .validate()
@@ -661,6 +695,17 @@ impl Config {
         }
         if let Some(m) = &self.mqtt {
             self.validate_mqtt(m)?;
+        }
+        if self.status.enabled
+            && let Err(msg) = expand_topic(&self.status.topic, &self.vehicle.id)
+        {
+            return e("status.topic", msg);
+        }
+        if self.status.interval.0 < Duration::from_secs(1) {
+            return e("status.interval", "expected at least 1s".into());
+        }
+        if self.status.file_interval.0 < Duration::from_millis(100) {
+            return e("status.file_interval", "expected at least 100ms".into());
         }
         if self.delivery.memory_batches == 0 {
             return e("delivery.memory_batches", "must be at least 1".into());
@@ -864,6 +909,14 @@ impl Config {
             .as_ref()
             .and_then(|m| m.client_id.clone())
             .unwrap_or_else(|| self.vehicle.id.clone())
+    }
+
+    /// The status topic with its placeholders filled in, if status messages are on.
+    pub fn status_topic(&self) -> Option<String> {
+        if !self.status.enabled {
+            return None;
+        }
+        expand_topic(&self.status.topic, &self.vehicle.id).ok()
     }
 
     /// The topic with its placeholders filled in. Valid after `validate`.

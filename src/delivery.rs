@@ -42,6 +42,21 @@ impl Delivery {
         }
     }
 
+    /// Queues a status message: at the front (`urgent`, the online message at connect) or
+    /// behind the telemetry already queued.
+    pub fn enqueue_control(&mut self, msg: Message, urgent: bool) {
+        if urgent {
+            self.queue.push_front(msg);
+        } else {
+            self.queue.push_back(msg);
+        }
+    }
+
+    /// Drops queued (not yet sent) status messages: a newer one replaces them.
+    pub fn drop_queued_control(&mut self) {
+        self.queue.retain(|m| m.control.is_none());
+    }
+
     /// Queues the messages of one batch.
     pub fn enqueue(&mut self, seq: u64, records: usize, messages: Vec<Message>) {
         self.enqueue_many(&[(seq, records)], messages);
@@ -158,6 +173,7 @@ mod tests {
             payload: bytes::Bytes::copy_from_slice(tag.as_bytes()),
             records: 1,
             batches: vec![seq],
+            control: None,
         }
     }
 
@@ -194,6 +210,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"x"),
             records: 30,
             batches: vec![4, 5, 6],
+            control: None,
         };
         d.enqueue_many(&[(4, 10), (5, 10), (6, 10)], vec![m]);
         d.next_to_send();

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod dbc;
 pub mod delivery;
+pub mod health;
 pub mod line_framer;
 pub mod line_protocol;
 pub mod link_error;

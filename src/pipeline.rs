@@ -44,6 +44,8 @@ pub struct Plan {
     pub spool: spool::Options,
     /// A candump log to replay instead of the configured source.
     pub replay: Option<crate::replay::Replay>,
+    /// Where the local status snapshot goes (none: not written).
+    pub status_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -79,8 +81,21 @@ pub async fn run(
         sim,
         spool: spool_opts,
         replay,
+        status_file,
     } = plan;
     let stop = stop.child_token();
+    let meta = crate::health::Meta {
+        vehicle_id: config.vehicle.id.clone(),
+        session_id: session_id.clone(),
+        started_ms: crate::clock::wall_now_us() / 1000,
+        source: if replay.is_some() {
+            "replay".to_string()
+        } else if timing == Timing::Data {
+            "simulator".to_string()
+        } else {
+            format!("{:?}", config.source.kind).to_lowercase()
+        },
+    };
     let period = 1_000_000 / i64::from(config.sampling.rate_hz);
     let (src_tx, src_rx) = mpsc::channel::<SourceEvent>(1024);
     let (reading_tx, reading_rx) = mpsc::channel::<Reading>(256);
@@ -103,6 +118,13 @@ pub async fn run(
                 window: usize::from(m.max_inflight),
                 shutdown_timeout: config.delivery.shutdown_timeout.0,
                 endpoint: format!("{}:{}", m.endpoint, m.port),
+                status: config
+                    .status_topic()
+                    .map(|topic| crate::publisher::StatusSettings {
+                        topic,
+                        interval: config.status.interval.0,
+                        meta: meta.clone(),
+                    }),
             };
             let sync_interval = match config.spool.as_ref().map(|s| s.sync_interval) {
                 Some(SyncInterval::Always) => None,
@@ -132,6 +154,7 @@ pub async fn run(
                 backlog: channels.backlog,
                 spool: cmd_tx.clone(),
                 upstream_done: upstream_done.clone(),
+                spool_stats: spool_stats.clone(),
             };
             let config = config.clone();
             let stats = stats.clone();
@@ -234,6 +257,18 @@ pub async fn run(
         tokio::spawn(batch_readings(reading_rx, out, encoder, batcher, stats))
     };
     let publishing = matches!(delivery, Delivery::Mqtt { .. });
+    let status_file = status_file
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|path| {
+            tokio::spawn(write_status_file(
+                path,
+                config.status.file_interval.0,
+                meta.clone(),
+                stats.clone(),
+                publishing.then(|| spool_stats.clone()),
+                stop.clone(),
+            ))
+        });
     let supervisor = tokio::spawn(crate::notify::supervise(
         stats.clone(),
         publishing.then(|| spool_stats.clone()),
@@ -292,6 +327,9 @@ pub async fn run(
     };
     ticker.abort();
     supervisor.abort();
+    if let Some(t) = status_file {
+        let _ = t.await;
+    }
     Ok(summary)
 }
 
@@ -301,6 +339,40 @@ enum Delivery {
         publisher: tokio::task::JoinHandle<Result<(), (String, String)>>,
         thread: std::thread::JoinHandle<()>,
     },
+}
+
+/// Writes the status snapshot every `every` (and once more at the end, as stopped).
+async fn write_status_file(
+    path: std::path::PathBuf,
+    every: Duration,
+    meta: crate::health::Meta,
+    stats: Arc<Stats>,
+    spool: Option<Arc<SpoolStats>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    let mut failing = false;
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.cancelled() => true,
+        };
+        let mut snap = crate::health::snapshot(&meta, &stats, spool.as_deref());
+        if stopping {
+            snap["state"] = "stopped".into();
+        }
+        match crate::health::write_file(&path, &snap) {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!("cannot write the status file {}: {e}", path.display());
+            }
+            Err(_) => {}
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 async fn sample_on_data_clock(

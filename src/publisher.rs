@@ -41,10 +41,21 @@ pub struct PublisherSettings {
     pub window: usize,
     pub shutdown_timeout: Duration,
     pub endpoint: String,
+    /// Status messages (online at connect, last will, periodic counters), if enabled.
+    pub status: Option<StatusSettings>,
+}
+
+pub struct StatusSettings {
+    pub topic: String,
+    pub interval: Duration,
+    pub meta: crate::health::Meta,
 }
 
 /// Builds the client and its event loop from the configuration.
-pub fn connect_options(config: &Config) -> Result<(AsyncClient, EventLoop), (String, String)> {
+pub fn connect_options(
+    config: &Config,
+    will: Option<(&str, Vec<u8>)>,
+) -> Result<(AsyncClient, EventLoop), (String, String)> {
     let m = config.mqtt.as_ref().ok_or_else(|| {
         (
             "mqtt".to_string(),
@@ -62,6 +73,14 @@ pub fn connect_options(config: &Config) -> Result<(AsyncClient, EventLoop), (Str
     // AWS IoT accepts 128 KiB payloads; leave room for the topic and the header.
     opts.set_max_packet_size(256 * 1024, 256 * 1024);
     opts.set_inflight(m.max_inflight);
+    if let Some((topic, payload)) = will {
+        opts.set_last_will(rumqttc::LastWill::new(
+            topic,
+            payload,
+            QoS::AtLeastOnce,
+            true,
+        ));
+    }
     opts.set_request_channel_capacity(usize::from(m.max_inflight) * 2 + 16);
     let (client, mut eventloop) = AsyncClient::new(opts, usize::from(m.max_inflight) * 2 + 16);
     let mut net = eventloop.network_options();
@@ -177,6 +196,8 @@ pub struct Inputs {
     pub spool: std::sync::mpsc::Sender<Cmd>,
     /// Cancelled when no new data will come (the source ended).
     pub upstream_done: CancellationToken,
+    /// The spool's counters, for the status messages.
+    pub spool_stats: Arc<crate::spool::SpoolStats>,
 }
 
 /// Two token buckets below AWS IoT's per-connection limits (publishes/s and bytes/s).
@@ -243,8 +264,40 @@ pub async fn run(
         mut backlog,
         spool,
         upstream_done,
+        spool_stats,
     } = inputs;
-    let (client, eventloop) = connect_options(config)?;
+    let will = settings.status.as_ref().map(|st| {
+        (
+            st.topic.as_str(),
+            crate::health::offline(&st.meta, "connection lost"),
+        )
+    });
+    let (client, eventloop) = connect_options(config, will)?;
+    let control = settings.status.as_ref().map(|st| {
+        Arc::new(crate::batch::Control {
+            topic: st.topic.clone(),
+            retain: false,
+        })
+    });
+    let retained = settings.status.as_ref().map(|st| {
+        Arc::new(crate::batch::Control {
+            topic: st.topic.clone(),
+            retain: true,
+        })
+    });
+    let control_msg = |payload: Vec<u8>, to: &Arc<crate::batch::Control>| crate::batch::Message {
+        payload: payload.into(),
+        records: 0,
+        batches: Vec::new(),
+        control: Some(to.clone()),
+    };
+    let mut status_tick = tokio::time::interval(
+        settings
+            .status
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |st| st.interval),
+    );
+    status_tick.tick().await;
     let m = config
         .mqtt
         .as_ref()
@@ -296,12 +349,11 @@ pub async fn run(
                     break;
                 };
                 let len = msg.payload.len() as u64;
-                match client.try_publish(
-                    settings.topic.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    msg.payload,
-                ) {
+                let (topic, retain) = match &msg.control {
+                    Some(c) => (c.topic.clone(), c.retain),
+                    None => (settings.topic.clone(), false),
+                };
+                match client.try_publish(topic, QoS::AtLeastOnce, retain, msg.payload) {
                     Ok(()) => {
                         Stats::add(&stats.messages_published, 1);
                         Stats::add(&stats.bytes_published, len);
@@ -346,6 +398,9 @@ pub async fn run(
                         None => tracing::info!("connected to {}", settings.endpoint),
                     }
                     ever_connected = true;
+                    if let (Some(st), Some(to)) = (&settings.status, &retained) {
+                        delivery.enqueue_control(control_msg(crate::health::online(&st.meta), to), true);
+                    }
                 }
                 Some(LinkEvent::Sent(pkid)) => {
                     if !delivery.on_sent(pkid) {
@@ -368,6 +423,7 @@ pub async fn run(
                     }
                 }
                 Some(LinkEvent::Disconnected(err)) => {
+                    stats.set_last_error(err.class.name(), err.to_string());
                     let requeued = delivery.in_flight();
                     delivery.on_disconnect();
                     Stats::add(&stats.republished, requeued as u64);
@@ -400,13 +456,26 @@ pub async fn run(
             }
             _ = stop.cancelled(), if hard_deadline.is_none() => {}
             _ = heartbeat.tick() => {}
+            _ = status_tick.tick(), if settings.status.is_some() => {
+                if let (Some(st), Some(to)) = (&settings.status, &control) {
+                    // Only the newest status waits; it queues behind the telemetry.
+                    delivery.drop_queued_control();
+                    let snap = crate::health::snapshot(&st.meta, &stats, Some(&spool_stats));
+                    delivery.enqueue_control(control_msg(snap.to_string().into_bytes(), to), false);
+                }
+            }
             _ = upstream_done.cancelled(), if !upstream_done.is_cancelled() => {
                 last_progress = Instant::now();
             }
         }
     }
 
-    // Say goodbye properly so the broker does not fire a last will.
+    // Say goodbye properly: a retained offline message, then DISCONNECT, so the broker does
+    // not fire the last will.
+    if connected && let Some(st) = &settings.status {
+        let bye = crate::health::offline(&st.meta, "stopped");
+        let _ = client.try_publish(st.topic.clone(), QoS::AtLeastOnce, true, bye);
+    }
     if connected && client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Some(ev) = link_rx.recv().await {

@@ -60,6 +60,8 @@ pub struct Stats {
     pub frames: AtomicU64,
     /// What the source could not use, by reason (bad checksum, unknown id, ...).
     source_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// The last connection failure: class, detail, epoch ms.
+    last_error: Mutex<Option<(&'static str, String, i64)>>,
 }
 
 impl Stats {
@@ -104,6 +106,20 @@ impl Stats {
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default()
+    }
+
+    pub fn set_last_error(&self, class: &'static str, detail: String) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some((class, detail, crate::clock::wall_now_us() / 1000));
+        }
+    }
+
+    pub fn last_error(&self) -> Option<(&'static str, String, i64)> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    pub fn field_names(&self) -> &[String] {
+        &self.field_names
     }
 
     /// One line with every counter, for the log.

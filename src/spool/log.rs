@@ -74,7 +74,12 @@ pub struct SpoolLog {
     pub losses: Losses,
     _lock: File,
     scratch: Vec<u8>,
+    /// The next segment (by first seq) whose frame headers `scan_step` reads.
+    scan_from: Option<u64>,
 }
+
+/// What the spool knows of one unacknowledged batch: its readings and sampling time (µs).
+pub type Summary = (u32, i64);
 
 fn seg_name(first: u64) -> String {
     format!("{first:020}.seg")
@@ -156,6 +161,7 @@ impl SpoolLog {
             losses: Losses::default(),
             _lock: lock,
             scratch: Vec::new(),
+            scan_from: None,
         };
         log.delete_done_segments()?;
         log.recover_tail()?;
@@ -166,7 +172,57 @@ impl SpoolLog {
             .find(|s| s.first <= log.base)
             .or(log.segments.front())
             .map_or(log.next_seq, |s| s.first);
+        log.scan_from = log.segments.front().map(|s| s.first);
         Ok(log)
+    }
+
+    /// Reads the frame headers of one more segment (oldest first) and adds what it holds
+    /// unacknowledged to `known`. False once every segment present at start was read. Done a
+    /// segment at a time while idle, so a start with a full spool is not delayed by it.
+    pub fn scan_step(&mut self, known: &mut std::collections::BTreeMap<u64, Summary>) -> bool {
+        let Some(first) = self.scan_from else {
+            return false;
+        };
+        let Some(idx) = self.segments.iter().position(|s| s.first >= first) else {
+            self.scan_from = None;
+            return false;
+        };
+        let seg = self.segments[idx].clone();
+        self.scan_from = self.segments.get(idx + 1).map(|s| s.first);
+        let Ok(f) = File::open(&seg.path) else {
+            return self.scan_from.is_some();
+        };
+        let mut r = BufReader::with_capacity(64 * 1024, f);
+        let mut magic = [0u8; 8];
+        if r.read_exact(&mut magic).is_err() {
+            return self.scan_from.is_some();
+        }
+        let mut head = [0u8; HEADER];
+        let mut summary = [0u8; 20];
+        let mut offset = SEG_HEAD;
+        while offset < seg.bytes && r.read_exact(&mut head).is_ok() {
+            let Some(h) = frame::header(&head) else { break };
+            if r.read_exact(&mut summary).is_err() {
+                break;
+            }
+            // The CRC is checked when the frame is sent; here only the counts matter.
+            if r.seek_relative(h.len as i64 - 20).is_err() {
+                break;
+            }
+            offset += (HEADER + h.len) as u64;
+            if h.seq < self.base || self.acked.contains(&h.seq) {
+                continue;
+            }
+            if let Some((n, first_at, _)) = frame::summary(&summary) {
+                known.entry(h.seq).or_insert((n as u32, first_at));
+            }
+        }
+        self.scan_from.is_some()
+    }
+
+    /// Every seq below this is acknowledged, dropped or never existed.
+    pub fn base(&self) -> u64 {
+        self.done_below()
     }
 
     /// Scans the newest segment: where appends resume, and a torn or damaged tail cut off.

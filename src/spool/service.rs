@@ -7,10 +7,11 @@
 //! batches are kept in a bounded memory buffer and still published; the spool is tried
 //! again with every batch and used as soon as it works.
 
-use super::log::{Dropped, Losses, Options, SpoolLog};
+use super::log::{Dropped, Losses, Options, SpoolLog, Summary};
 use crate::batch::{self, Batch, Message, RECORDS_ENVELOPE};
 use crate::config::{Order, PayloadMode};
 use crate::stats::Stats;
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
@@ -71,6 +72,13 @@ pub struct SpoolStats {
     pub write_errors: AtomicU64,
     pub memory_dropped_readings: AtomicU64,
     pub backlog_parcels: AtomicU64,
+    /// Readings in the unacknowledged batches the spool has seen (exact once the backlog
+    /// has been read since the start).
+    pub unacked_readings: AtomicU64,
+    /// Sampling time of the oldest unacknowledged batch seen, epoch ms (0: none).
+    pub oldest_unacked_ms: AtomicU64,
+    /// Batches kept back until the clock they were stamped on can be converted.
+    pub held_batches: AtomicU64,
 }
 
 impl SpoolStats {
@@ -119,6 +127,9 @@ pub fn start(
                 fault: None,
                 last_sync: Instant::now(),
                 spool_stats,
+                known: BTreeMap::new(),
+                known_readings: 0,
+                scanning: true,
                 upstream_open: true,
             };
             svc.run(cmds);
@@ -158,6 +169,10 @@ struct Service {
     fault: Option<Fault>,
     last_sync: Instant,
     spool_stats: Arc<SpoolStats>,
+    /// Unacknowledged batches known: readings and sampling time, for the health report.
+    known: BTreeMap<u64, Summary>,
+    known_readings: u64,
+    scanning: bool,
     upstream_open: bool,
 }
 
@@ -186,13 +201,20 @@ impl Service {
             match cmds.recv_timeout(wait) {
                 Ok(Cmd::Append(b)) => self.append(b),
                 Ok(Cmd::Ack(seq)) => {
+                    self.forget(seq);
                     if let Err(e) = self.log.ack(seq) {
                         self.disk_error(&e);
                     }
                 }
                 Ok(Cmd::Wake) => {}
                 Ok(Cmd::UpstreamDone) => self.upstream_open = false,
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.scanning {
+                        let before = self.known.len();
+                        self.scanning = self.log.scan_step(&mut self.known);
+                        self.recount(before);
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             if self
@@ -216,6 +238,29 @@ impl Service {
         }
     }
 
+    fn remember(&mut self, b: &Batch) {
+        if self
+            .known
+            .insert(b.seq, (b.len() as u32, b.first_at))
+            .is_none()
+        {
+            self.known_readings += b.len() as u64;
+        }
+    }
+
+    fn forget(&mut self, seq: u64) {
+        if let Some((n, _)) = self.known.remove(&seq) {
+            self.known_readings = self.known_readings.saturating_sub(u64::from(n));
+        }
+    }
+
+    /// After a scan or a cap drop changed `known` in bulk.
+    fn recount(&mut self, _before: usize) {
+        let base = self.log.base();
+        self.known = self.known.split_off(&base);
+        self.known_readings = self.known.values().map(|&(n, _)| u64::from(n)).sum();
+    }
+
     fn drained(&self) -> bool {
         self.pending.is_none() && self.carry.is_none() && self.memory.is_empty()
     }
@@ -223,6 +268,10 @@ impl Service {
     fn append(&mut self, mut b: Batch) {
         match self.log.append(&mut b) {
             Ok(dropped) => {
+                self.remember(&b);
+                if dropped.batches > 0 {
+                    self.recount(0);
+                }
                 if let Some(f) = self.fault.take() {
                     tracing::warn!(
                         "spool writable again after {:.0}s ({}); {} batch(es) held in memory meanwhile",
@@ -385,6 +434,13 @@ impl Service {
             ..
         } = self.log.losses;
         s.unacked_batches.store(self.log.unacked_batches(), Relaxed);
+        s.unacked_readings.store(self.known_readings, Relaxed);
+        let oldest = self
+            .known
+            .values()
+            .next()
+            .map_or(0, |&(_, at)| (at / 1000).max(0) as u64);
+        s.oldest_unacked_ms.store(oldest, Relaxed);
         s.bytes.store(self.log.bytes(), Relaxed);
         s.cap_dropped_readings.store(cap_readings, Relaxed);
         s.corrupt_bytes.store(corrupt_bytes, Relaxed);
@@ -415,6 +471,7 @@ fn coalesce(batches: &[Batch], mode: PayloadMode) -> Parcel {
                 payload: p.into(),
                 records: batches.iter().map(Batch::len).sum(),
                 batches: batches.iter().map(|b| b.seq).collect(),
+                control: None,
             });
         }
     }

@@ -1,0 +1,236 @@
+//! What the agent says about itself: the status snapshot published on `[status] topic` and
+//! written to `[status] file`, the online and offline (last will) messages, and the
+//! readable form `redline-agent status` prints.
+
+use crate::spool::SpoolStats;
+use crate::stats::{NullReason, Stats};
+use serde_json::{Map, Value, json};
+use std::path::Path;
+
+/// Who is talking: fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub vehicle_id: String,
+    pub session_id: String,
+    pub started_ms: i64,
+    pub source: String,
+}
+
+fn rfc3339(ms: i64) -> Value {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(Value::Null, Value::String)
+}
+
+fn head(meta: &Meta, state: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("state".into(), state.into());
+    m.insert("vehicle_id".into(), meta.vehicle_id.clone().into());
+    m.insert("session_id".into(), meta.session_id.clone().into());
+    m.insert("agent_version".into(), env!("CARGO_PKG_VERSION").into());
+    m.insert("started_at".into(), rfc3339(meta.started_ms));
+    m.insert("source".into(), meta.source.clone().into());
+    m
+}
+
+/// The retained message published at every connect.
+pub fn online(meta: &Meta) -> Vec<u8> {
+    let mut m = head(meta, "online");
+    m.insert("at".into(), rfc3339(crate::clock::wall_now_us() / 1000));
+    Value::Object(m).to_string().into_bytes()
+}
+
+/// The retained last will (`reason` = "connection lost") or the goodbye at a clean stop.
+pub fn offline(meta: &Meta, reason: &str) -> Vec<u8> {
+    let mut m = head(meta, "offline");
+    m.insert("reason".into(), reason.into());
+    Value::Object(m).to_string().into_bytes()
+}
+
+/// Every counter, as the periodic status message and the status file carry them.
+pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value {
+    let g = Stats::get;
+    let now_ms = crate::clock::wall_now_us() / 1000;
+    let mut m = head(meta, "running");
+    m.insert("at".into(), rfc3339(now_ms));
+    m.insert("at_ms".into(), now_ms.into());
+    let mut nulls = Map::new();
+    for (i, name) in stats.field_names().iter().enumerate() {
+        let mut by = Map::new();
+        for r in NullReason::ALL {
+            let n = stats.nulls(i, r);
+            if n > 0 {
+                by.insert(r.name().into(), n.into());
+            }
+        }
+        if !by.is_empty() {
+            nulls.insert(name.clone(), Value::Object(by));
+        }
+    }
+    let rejected: Map<String, Value> = stats
+        .source_errors()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    let last_ack = g(&stats.last_ack_ms);
+    m.insert(
+        "link".into(),
+        json!({
+            "connected": g(&stats.connected) == 1,
+            "last_puback_at": if last_ack == 0 { Value::Null } else { rfc3339(last_ack as i64) },
+            "reconnects": g(&stats.reconnects),
+            "last_error": stats.last_error().map(|(class, detail, at)| json!({
+                "class": class, "detail": detail, "at": rfc3339(at)
+            })),
+        }),
+    );
+    m.insert(
+        "counters".into(),
+        json!({
+            "readings": g(&stats.readings),
+            "ticks_missed": g(&stats.ticks_missed),
+            "nulls": nulls,
+            "lines": g(&stats.lines),
+            "frames": g(&stats.frames),
+            "rejected": rejected,
+            "batches": g(&stats.batches),
+            "messages_published": g(&stats.messages_published),
+            "bytes_published": g(&stats.bytes_published),
+            "pubacks": g(&stats.pubacks),
+            "readings_acknowledged": g(&stats.readings_acked),
+            "republished": g(&stats.republished),
+        }),
+    );
+    if let Some(s) = spool {
+        let oldest = g(&s.oldest_unacked_ms);
+        m.insert(
+            "backlog".into(),
+            json!({
+                "batches": g(&s.unacked_batches),
+                "readings": g(&s.unacked_readings),
+                "bytes": g(&s.bytes),
+                "oldest_at": if oldest == 0 { Value::Null } else { rfc3339(oldest as i64) },
+                "age_s": if oldest == 0 { Value::Null } else { ((now_ms - oldest as i64).max(0) / 1000).into() },
+                "held_for_clock_batches": g(&s.held_batches),
+            }),
+        );
+        m.insert(
+            "losses".into(),
+            json!({
+                "dropped_at_cap_readings": g(&s.cap_dropped_readings),
+                "corrupt_cuts": g(&s.corrupt_cuts),
+                "corrupt_bytes": g(&s.corrupt_bytes),
+                "spool_write_errors": g(&s.write_errors),
+                "dropped_from_memory_readings": g(&s.memory_dropped_readings),
+            }),
+        );
+    }
+    Value::Object(m)
+}
+
+/// Writes the snapshot atomically: a reader never sees half a file.
+pub fn write_file(path: &Path, snapshot: &Value) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut text = serde_json::to_vec_pretty(snapshot).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The status file in words, for `redline-agent status`.
+pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_string()
+    };
+    let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "vehicle {} · session {} · agent {} · running since {} · source {}\n",
+        s("/vehicle_id"),
+        s("/session_id"),
+        s("/agent_version"),
+        s("/started_at"),
+        s("/source")
+    ));
+    if let Some(age) = file_age_s {
+        out.push_str(&format!("snapshot taken {} ({age} s ago)\n", s("/at")));
+    }
+    let connected = v
+        .pointer("/link/connected")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    out.push_str(&format!(
+        "link:     {} · last PUBACK {} · {} reconnect(s)\n",
+        if connected {
+            "CONNECTED"
+        } else {
+            "NOT CONNECTED"
+        },
+        s("/link/last_puback_at"),
+        n("/link/reconnects")
+    ));
+    if let Some(e) = v.pointer("/link/last_error").filter(|e| !e.is_null()) {
+        out.push_str(&format!(
+            "          last error ({}) at {}: {}\n",
+            e["class"].as_str().unwrap_or("-"),
+            e["at"].as_str().unwrap_or("-"),
+            e["detail"].as_str().unwrap_or("-")
+        ));
+    }
+    if v.get("backlog").is_some() {
+        out.push_str(&format!(
+            "backlog:  {} batch(es), {} reading(s), {} bytes · oldest {} ({} s)",
+            n("/backlog/batches"),
+            n("/backlog/readings"),
+            n("/backlog/bytes"),
+            s("/backlog/oldest_at"),
+            v.pointer("/backlog/age_s")
+                .and_then(Value::as_u64)
+                .map_or("-".into(), |a| a.to_string())
+        ));
+        let held = n("/backlog/held_for_clock_batches");
+        if held > 0 {
+            out.push_str(&format!(" · {held} held until the clock is trusted"));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "sent:     {} message(s), {} bytes, {} reading(s) acknowledged\n",
+        n("/counters/messages_published"),
+        n("/counters/bytes_published"),
+        n("/counters/readings_acknowledged")
+    ));
+    out.push_str(&format!(
+        "readings: {} ({} tick(s) missed)\n",
+        n("/counters/readings"),
+        n("/counters/ticks_missed")
+    ));
+    for (key, label) in [
+        ("/counters/nulls", "nulls:    "),
+        ("/counters/rejected", "rejected: "),
+    ] {
+        if let Some(map) = v
+            .pointer(key)
+            .and_then(Value::as_object)
+            .filter(|m| !m.is_empty())
+        {
+            out.push_str(label);
+            out.push_str(&serde_json::to_string(map).unwrap_or_default());
+            out.push('\n');
+        }
+    }
+    if let Some(l) = v.get("losses") {
+        out.push_str(&format!("losses:   {l}\n"));
+    }
+    out
+}
