@@ -68,6 +68,7 @@ fn batch(k: u64) -> Batch {
         last_at: (t0 + 900) * 1000,
         body,
         ends,
+        boot: None,
     }
 }
 

@@ -17,6 +17,9 @@ pub struct Batch {
     pub body: Vec<u8>,
     /// End offset in `body` of each record.
     pub ends: Vec<u32>,
+    /// `Some(boot id)`: the timestamps are on that boot's clock, not UTC (sampled while the
+    /// wall clock was not trusted); converted before they are published.
+    pub boot: Option<[u8; 16]>,
 }
 
 impl Batch {
@@ -36,6 +39,44 @@ impl Batch {
             start = end as usize + 1;
             rec
         })
+    }
+
+    /// Moves every record's `timestamp` (and the batch's times) by `delta_us`: the
+    /// conversion of boot-clock readings to UTC once the offset is known.
+    pub fn shift_timestamps(&mut self, delta_us: i64) {
+        const KEY: &[u8] = b"\"timestamp\":";
+        let delta_ms = delta_us.div_euclid(1000);
+        let mut body = Vec::with_capacity(self.body.len() + 8 * self.ends.len());
+        let mut ends = Vec::with_capacity(self.ends.len());
+        for rec in self.records() {
+            if !body.is_empty() {
+                body.push(b',');
+            }
+            // The first `"timestamp":` is the key: inside a JSON string a quote is escaped.
+            match rec.windows(KEY.len()).position(|w| w == KEY) {
+                Some(k) => {
+                    let start = k + KEY.len();
+                    let len = rec[start..]
+                        .iter()
+                        .position(|c| !(c.is_ascii_digit() || *c == b'-'))
+                        .unwrap_or(rec.len() - start);
+                    let old: i64 = std::str::from_utf8(&rec[start..start + len])
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(0);
+                    body.extend_from_slice(&rec[..start]);
+                    body.extend_from_slice(itoa::Buffer::new().format(old + delta_ms).as_bytes());
+                    body.extend_from_slice(&rec[start + len..]);
+                }
+                None => body.extend_from_slice(rec),
+            }
+            ends.push(body.len() as u32);
+        }
+        self.body = body;
+        self.ends = ends;
+        self.first_at += delta_us;
+        self.last_at += delta_us;
+        self.boot = None;
     }
 
     /// The size of this batch as one records payload.
@@ -78,6 +119,8 @@ pub struct Batcher {
     open: Option<Batch>,
     /// Records too large to ever fit a message; they are counted and dropped.
     pub oversize: u64,
+    /// The clock new batches are stamped on (`None`: UTC).
+    pub boot: Option<[u8; 16]>,
 }
 
 impl Batcher {
@@ -89,6 +132,7 @@ impl Batcher {
             next_seq: first_seq,
             open: None,
             oversize: 0,
+            boot: None,
         }
     }
 
@@ -108,6 +152,7 @@ impl Batcher {
             out.extend(self.open.take());
         }
         let seq = &mut self.next_seq;
+        let boot = self.boot;
         let batch = self.open.get_or_insert_with(|| {
             let b = Batch {
                 seq: *seq,
@@ -115,6 +160,7 @@ impl Batcher {
                 last_at: at,
                 body: Vec::with_capacity(4096),
                 ends: Vec::new(),
+                boot,
             };
             *seq += 1;
             b
@@ -255,6 +301,30 @@ mod tests {
         assert!(out.iter().all(|b| b.payload_len() <= 131_072));
         assert!(out[0].payload_len() > 130_000);
         assert_eq!(out.iter().map(Batch::len).sum::<usize>(), 1200);
+    }
+
+    #[test]
+    fn shifting_timestamps_rewrites_every_record() {
+        let mut b = Batcher::new(limits(10, 1000, 131_072), P, 0);
+        b.boot = Some([7; 16]);
+        let mut out = Vec::new();
+        for (i, t) in [5_000i64, 5_100, 5_200].iter().enumerate() {
+            let rec =
+                format!("{{\"vehicle_id\":\"a\\\"timestamp\\\":1\",\"timestamp\":{t},\"x\":{i}}}");
+            b.push(rec.as_bytes(), t * 1000, &mut out);
+        }
+        let mut batch = b.flush().expect("open batch");
+        assert_eq!(batch.boot, Some([7; 16]));
+        batch.shift_timestamps(1_700_000_000_000_000);
+        let recs: Vec<serde_json::Value> = batch
+            .records()
+            .map(|r| serde_json::from_slice(r).expect("json"))
+            .collect();
+        assert_eq!(recs[0]["timestamp"], 1_700_000_005_000i64);
+        assert_eq!(recs[2]["timestamp"], 1_700_000_005_200i64);
+        assert_eq!(recs[1]["vehicle_id"], "a\"timestamp\":1");
+        assert_eq!(batch.first_at, 1_700_000_005_000_000);
+        assert_eq!(batch.boot, None);
     }
 
     #[test]

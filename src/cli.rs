@@ -521,6 +521,10 @@ fn spool_command(cmd: SpoolCommand) -> ExitCode {
             println!("newest unacked:     {}", ms(r.newest_ms));
             println!("damaged segments:   {}", r.damaged_segments);
             println!("corrupt copies:     {}", r.corrupt_copies);
+            println!(
+                "boot-clock batches: {} (sampled before the clock was trusted; times not yet UTC)",
+                r.boot_clock_batches
+            );
         }),
         SpoolCommand::Export { .. } => {
             let stdout = std::io::stdout();

@@ -1,10 +1,55 @@
-//! The live sampling clock: wall-clock time read once at start, advanced by the monotonic
-//! clock, so that a step of the wall clock (NTP) cannot bend the 100 ms grid mid-run.
+//! Time: the live sampling clock, and whether the wall clock can be trusted.
+//!
+//! Live sampling runs on `CLOCK_BOOTTIME` (it never steps) plus a fixed offset chosen at
+//! start, so an NTP step cannot bend the 100 ms grid mid-run. When the wall clock is
+//! trusted at start, the offset is wall − boot and readings carry UTC. When it is not (an
+//! ECU without a battery-backed clock boots in 1970 or at its last shutdown), the offset is
+//! zero: readings are stamped on the boot clock, kept in the spool, and converted to UTC
+//! once the clock is trusted (see `TimeBase`).
 
 use crate::signal::Micros;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
+pub fn wall_now_us() -> Micros {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as Micros,
+        Err(e) => -(e.duration().as_micros() as Micros),
+    }
+}
+
+/// Microseconds since boot, suspend included (`CLOCK_BOOTTIME`).
+pub fn boot_now_us() -> Micros {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid pointer we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as Micros * 1_000_000 + ts.tv_nsec as Micros / 1_000
+}
+
+/// This boot's identity; readings stamped on the boot clock belong to it.
+pub fn boot_id() -> [u8; 16] {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+    let mut id = [0u8; 16];
+    for (i, pair) in hex.chunks(2).take(16).enumerate() {
+        let s = std::str::from_utf8(pair).unwrap_or("0");
+        id[i] = u8::from_str_radix(s, 16).unwrap_or(0);
+    }
+    id
+}
+
+pub fn boot_id_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sampling clock of live mode: the boot clock plus a fixed offset.
 #[derive(Debug, Clone, Copy)]
 pub struct LiveClock {
     anchor_us: Micros,
@@ -12,9 +57,10 @@ pub struct LiveClock {
 }
 
 impl LiveClock {
-    pub fn start() -> Self {
+    /// `offset`: added to the boot clock (wall − boot when trusted, else 0).
+    pub fn start(offset: Micros) -> Self {
         Self {
-            anchor_us: wall_now_us(),
+            anchor_us: boot_now_us() + offset,
             anchor: Instant::now(),
         }
     }
@@ -33,9 +79,99 @@ impl LiveClock {
     }
 }
 
-pub fn wall_now_us() -> Micros {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_micros() as Micros,
-        Err(e) => -(e.duration().as_micros() as Micros),
+/// How timestamps of new readings relate to UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBase {
+    /// True once readings can carry UTC.
+    pub trusted: bool,
+    /// Added to the sampling clock to get UTC (valid when trusted).
+    pub correction: Micros,
+    pub boot_id: [u8; 16],
+}
+
+/// Where the verdict on the wall clock comes from.
+#[derive(Debug, Clone)]
+pub enum ClockSource {
+    /// The kernel's NTP state (`adjtimex`) when `require_sync`, and a sanity floor.
+    System {
+        floor_us: Micros,
+        require_sync: bool,
+    },
+    /// Tests: a file saying `trusted` or `untrusted` (the kernel state is not settable).
+    File(PathBuf),
+}
+
+/// The wall clock's verdict, with the reason when untrusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Trusted,
+    Untrusted(&'static str),
+}
+
+/// The build time: a wall clock before it is wrong.
+pub fn build_floor_us() -> Micros {
+    env!("REDLINE_BUILD_UNIX").parse::<Micros>().unwrap_or(0) * 1_000_000
+}
+
+impl ClockSource {
+    pub fn check(&self) -> Verdict {
+        match self {
+            ClockSource::File(path) => match std::fs::read_to_string(path) {
+                Ok(s) if s.trim() == "trusted" => Verdict::Trusted,
+                _ => Verdict::Untrusted("the test clock file says untrusted"),
+            },
+            ClockSource::System {
+                floor_us,
+                require_sync,
+            } => {
+                if wall_now_us() < *floor_us {
+                    return Verdict::Untrusted("the wall clock is before the agent was built");
+                }
+                if *require_sync && !kernel_synchronised() {
+                    return Verdict::Untrusted(
+                        "the kernel clock is not synchronised (NTP, PTP or GPS)",
+                    );
+                }
+                Verdict::Trusted
+            }
+        }
+    }
+}
+
+/// The kernel's view: `adjtimex` returns TIME_ERROR while no time service has set the clock.
+pub fn kernel_synchronised() -> bool {
+    // SAFETY: a zeroed timex with modes = 0 only reads the kernel state into it.
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::adjtimex(&mut tx) };
+    rc >= 0 && rc != libc::TIME_ERROR && (tx.status & libc::STA_UNSYNC) == 0
+}
+
+/// `x` rounded to the nearest multiple of `step`.
+pub fn round_to(x: Micros, step: Micros) -> Micros {
+    if step <= 1 {
+        return x;
+    }
+    (x + step / 2).div_euclid(step) * step
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_keeps_the_grid() {
+        assert_eq!(round_to(1_049_999, 100_000), 1_000_000);
+        assert_eq!(round_to(1_050_000, 100_000), 1_100_000);
+        assert_eq!(round_to(-49_999, 100_000), 0);
+        assert_eq!(round_to(-150_000, 100_000), -100_000);
+    }
+
+    #[test]
+    fn boot_clock_and_id() {
+        let a = boot_now_us();
+        let b = boot_now_us();
+        assert!(a > 0 && b >= a);
+        assert_ne!(boot_id(), [0u8; 16], "boot id read from /proc");
+        assert_eq!(boot_id_hex(&[0xab; 16]).len(), 32);
     }
 }

@@ -38,6 +38,34 @@ pub struct Config {
     pub spool: Option<Spool>,
     #[serde(default)]
     pub status: Status,
+    #[serde(default)]
+    pub clock: Clock,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Clock {
+    /// When the wall clock is trusted: `floor` (not before the agent was built) or `synced`
+    /// (also synchronised by a time service, per the kernel: the right choice on a car).
+    pub trust: Trust,
+    /// How often the clock is looked at (trust arriving, NTP steps).
+    pub check_interval: Dur,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self {
+            trust: Trust::Floor,
+            check_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trust {
+    Floor,
+    Synced,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -537,6 +565,7 @@ impl Config {
             delivery: Delivery::default(),
             spool: None,
             status: Status::default(),
+            clock: Clock::default(),
         }
     }
 
@@ -703,6 +732,9 @@ impl Config {
         }
         if self.status.interval.0 < Duration::from_secs(1) {
             return e("status.interval", "expected at least 1s".into());
+        }
+        if self.clock.check_interval.0 < Duration::from_millis(100) {
+            return e("clock.check_interval", "expected at least 100ms".into());
         }
         if self.status.file_interval.0 < Duration::from_millis(100) {
             return e("status.file_interval", "expected at least 100ms".into());

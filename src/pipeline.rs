@@ -2,7 +2,7 @@
 //! stage, bounded channels between them. Stopping the source drains every stage behind it.
 
 use crate::batch::{self, Batch, Batcher, Limits};
-use crate::clock::LiveClock;
+use crate::clock::{ClockSource, LiveClock, TimeBase};
 use crate::config::Config;
 use crate::config::{SourceKind, SyncInterval};
 use crate::line_protocol::LineParser;
@@ -180,7 +180,67 @@ pub async fn run(
         }
     };
 
-    let clock = LiveClock::start();
+    // Live: the sampling clock, and what the wall clock is worth (see `clock`).
+    let boot_id = crate::clock::boot_id();
+    let clock_source = clock_source(&config);
+    let grid_step = grid_step(config.sampling.rate_hz);
+    let (clock, timebase) = match (timing, clock_source.check()) {
+        (Timing::Data, _) => (LiveClock::start(0), None),
+        (Timing::Live, crate::clock::Verdict::Trusted) => {
+            let offset = crate::clock::wall_now_us() - crate::clock::boot_now_us();
+            if let BatchOut::Spool(tx) = &out {
+                // Readings an earlier run of this boot stamped on the boot clock can go.
+                let _ = tx.send(Cmd::BootOffset {
+                    boot_id,
+                    offset: crate::clock::round_to(offset, grid_step),
+                });
+            }
+            let tb = TimeBase {
+                trusted: true,
+                correction: 0,
+                boot_id,
+            };
+            (LiveClock::start(offset), Some(tb))
+        }
+        (Timing::Live, crate::clock::Verdict::Untrusted(why)) => {
+            tracing::warn!(
+                "wall clock not trusted ({why}): readings are stamped on the boot clock and kept in the spool until it is"
+            );
+            let tb = TimeBase {
+                trusted: false,
+                correction: 0,
+                boot_id,
+            };
+            (LiveClock::start(0), Some(tb))
+        }
+    };
+    let timebase = timebase.map(|tb| {
+        let (tx, rx) = tokio::sync::watch::channel(tb);
+        let spool_tx = match &out {
+            BatchOut::Spool(t) => Some(t.clone()),
+            BatchOut::Stdout(_) => None,
+        };
+        let every = config.clock.check_interval.0;
+        let stop = stop.clone();
+        tokio::spawn(watch_clock(
+            clock_source.clone(),
+            clock,
+            tx,
+            spool_tx,
+            grid_step,
+            every,
+            stop,
+        ));
+        rx
+    });
+    // Live, the simulated car runs on the sampling clock like any other source.
+    let sim = match timing {
+        Timing::Live => SimSettings {
+            start: clock.now(),
+            ..sim
+        },
+        Timing::Data => sim,
+    };
     let source = {
         let config = config.clone();
         let stop = stop.clone();
@@ -254,7 +314,9 @@ pub async fn run(
         let encoder = RecordEncoder::new(&config, &session_id);
         let batcher = Batcher::new(Limits::from_config(&config.batch), period, 0);
         let stats = stats.clone();
-        tokio::spawn(batch_readings(reading_rx, out, encoder, batcher, stats))
+        tokio::spawn(batch_readings(
+            reading_rx, out, encoder, batcher, timebase, stats,
+        ))
     };
     let publishing = matches!(delivery, Delivery::Mqtt { .. });
     let status_file = status_file
@@ -339,6 +401,86 @@ enum Delivery {
         publisher: tokio::task::JoinHandle<Result<(), (String, String)>>,
         thread: std::thread::JoinHandle<()>,
     },
+}
+
+/// The wall clock's judge: the test file when `REDLINE_TEST_CLOCK_FILE` is set (the kernel
+/// state cannot be set in tests), else the system per `[clock] trust`.
+fn clock_source(config: &Config) -> ClockSource {
+    if let Some(path) = std::env::var_os("REDLINE_TEST_CLOCK_FILE") {
+        return ClockSource::File(path.into());
+    }
+    ClockSource::System {
+        floor_us: crate::clock::build_floor_us(),
+        require_sync: config.clock.trust == crate::config::Trust::Synced,
+    }
+}
+
+/// Offsets are rounded to this so converted timestamps stay on the sampling grid.
+fn grid_step(rate_hz: u32) -> Micros {
+    if 1_000_000 % i64::from(rate_hz) == 0 {
+        1_000_000 / i64::from(rate_hz)
+    } else {
+        1_000_000
+    }
+}
+
+/// Looks at the wall clock every `every`: when it becomes trusted, new readings carry UTC
+/// and the spool converts those stamped on the boot clock; when it steps (NTP), timestamps
+/// follow the step in whole grid periods, so the grid of the readings goes on unbroken.
+async fn watch_clock(
+    source: ClockSource,
+    clock: LiveClock,
+    tx: tokio::sync::watch::Sender<TimeBase>,
+    spool: Option<std::sync::mpsc::Sender<Cmd>>,
+    grid_step: Micros,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let mut tb = *tx.borrow();
+        let wall_minus_sampling = crate::clock::wall_now_us() - clock.now();
+        if !tb.trusted {
+            if source.check() != crate::clock::Verdict::Trusted {
+                continue;
+            }
+            tb.trusted = true;
+            tb.correction = crate::clock::round_to(wall_minus_sampling, grid_step);
+            tracing::info!(
+                "wall clock trusted now: readings stamped on the boot clock are converted with an offset of {:.3} s",
+                tb.correction as f64 / 1e6
+            );
+        } else {
+            let step = wall_minus_sampling - tb.correction;
+            if step.abs() <= grid_step / 2 {
+                continue;
+            }
+            let adjust = crate::clock::round_to(step, grid_step);
+            tracing::warn!(
+                "wall clock stepped by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
+                step as f64 / 1e6,
+                adjust as f64 / 1e6
+            );
+            tb.correction += adjust;
+        }
+        if let Some(spool) = &spool {
+            let boot_offset = crate::clock::round_to(
+                crate::clock::wall_now_us() - crate::clock::boot_now_us(),
+                grid_step,
+            );
+            let _ = spool.send(Cmd::BootOffset {
+                boot_id: tb.boot_id,
+                offset: boot_offset,
+            });
+        }
+        if tx.send(tb).is_err() {
+            return;
+        }
+    }
 }
 
 /// Writes the status snapshot every `every` (and once more at the end, as stopped).
@@ -445,11 +587,31 @@ async fn batch_readings(
     out: BatchOut,
     encoder: RecordEncoder,
     mut batcher: Batcher,
+    mut timebase: Option<tokio::sync::watch::Receiver<TimeBase>>,
     stats: Arc<Stats>,
 ) {
     let mut record = Vec::with_capacity(512);
     let mut closed = Vec::new();
-    while let Some(reading) = rx.recv().await {
+    let mut correction = 0;
+    if let Some(tb) = &timebase {
+        let tb = *tb.borrow();
+        batcher.boot = (!tb.trusted).then_some(tb.boot_id);
+    }
+    while let Some(mut reading) = rx.recv().await {
+        if let Some(tb) = &mut timebase
+            && tb.has_changed().unwrap_or(false)
+        {
+            let now = *tb.borrow_and_update();
+            // A batch is on one clock: close the open one at the switch.
+            if let Some(b) = batcher.flush()
+                && !emit(&out, b, &stats).await
+            {
+                return;
+            }
+            batcher.boot = (!now.trusted).then_some(now.boot_id);
+            correction = if now.trusted { now.correction } else { 0 };
+        }
+        reading.at += correction;
         record.clear();
         encoder.encode(&reading, &mut record);
         batcher.push(&record, reading.at, &mut closed);

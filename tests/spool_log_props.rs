@@ -45,6 +45,7 @@ fn batch(tag: u64, records: u8) -> Batch {
         last_at: tag as i64 * 1000 + i64::from(records),
         body,
         ends,
+        boot: None,
     }
 }
 

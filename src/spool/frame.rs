@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! frame:   len: u32 LE | seq: u64 LE | crc32: u32 LE | payload (len bytes)
-//! payload: first_at: i64 LE | last_at: i64 LE | n: u32 LE | ends: n × u32 LE | body
+//! payload: first_at: i64 LE | last_at: i64 LE | n: u32 LE | clock: u8 (0: UTC, 1: boot)
+//!          | boot id: 16 bytes (clock 1 only) | ends: n × u32 LE | body
 //! ```
 //! The CRC covers `len`, `seq` and the payload, so a zero-filled or torn tail never passes.
 
@@ -14,13 +15,21 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 
 pub fn encode(batch: &Batch, out: &mut Vec<u8>) {
     let start = out.len();
-    let len = 20 + 4 * batch.ends.len() + batch.body.len();
+    let clock = if batch.boot.is_some() { 17 } else { 1 };
+    let len = 20 + clock + 4 * batch.ends.len() + batch.body.len();
     out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&batch.seq.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&batch.first_at.to_le_bytes());
     out.extend_from_slice(&batch.last_at.to_le_bytes());
     out.extend_from_slice(&(batch.ends.len() as u32).to_le_bytes());
+    match &batch.boot {
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(id);
+        }
+        None => out.push(0),
+    }
     for e in &batch.ends {
         out.extend_from_slice(&e.to_le_bytes());
     }
@@ -47,7 +56,7 @@ pub struct Header {
 
 pub fn header(bytes: &[u8; HEADER]) -> Option<Header> {
     let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-    if !(20..=MAX_PAYLOAD).contains(&len) {
+    if !(21..=MAX_PAYLOAD).contains(&len) {
         return None;
     }
     let mut raw = [0u8; 12];
@@ -73,8 +82,13 @@ pub fn decode(seq: u64, payload: &[u8]) -> Option<Batch> {
     let first_at = i64::from_le_bytes(payload.get(0..8)?.try_into().ok()?);
     let last_at = i64::from_le_bytes(payload.get(8..16)?.try_into().ok()?);
     let n = u32::from_le_bytes(payload.get(16..20)?.try_into().ok()?) as usize;
-    let ends_end = 20usize.checked_add(n.checked_mul(4)?)?;
-    let ends_bytes = payload.get(20..ends_end)?;
+    let (boot, start) = match payload.get(20)? {
+        0 => (None, 21usize),
+        1 => (Some(payload.get(21..37)?.try_into().ok()?), 37),
+        _ => return None,
+    };
+    let ends_end = start.checked_add(n.checked_mul(4)?)?;
+    let ends_bytes = payload.get(start..ends_end)?;
     let body = payload.get(ends_end..)?.to_vec();
     let ends: Vec<u32> = ends_bytes
         .chunks_exact(4)
@@ -91,7 +105,16 @@ pub fn decode(seq: u64, payload: &[u8]) -> Option<Batch> {
         last_at,
         body,
         ends,
+        boot,
     })
+}
+
+/// The boot id of a payload stamped on a boot clock (`None`: UTC).
+pub fn boot(payload: &[u8]) -> Option<[u8; 16]> {
+    match payload.get(20)? {
+        1 => payload.get(21..37)?.try_into().ok(),
+        _ => None,
+    }
 }
 
 /// The record count and time span of a payload, without copying it.
@@ -113,6 +136,7 @@ mod tests {
             last_at: 2_000,
             body: b"{\"a\":1},{\"a\":2}".to_vec(),
             ends: vec![7, 15],
+            boot: None,
         }
     }
 
@@ -131,6 +155,16 @@ mod tests {
                 .is_some_and(|h| h.verify(&bad[HEADER..]) && h.seq == 42);
             assert!(!ok, "flipped bit {bit} went unnoticed");
         }
+    }
+
+    #[test]
+    fn a_boot_clock_batch_round_trips() {
+        let mut b = batch();
+        b.boot = Some([9; 16]);
+        let mut buf = Vec::new();
+        encode(&b, &mut buf);
+        assert_eq!(decode(42, &buf[HEADER..]), Some(b));
+        assert_eq!(boot(&buf[HEADER..]), Some([9; 16]));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Report {
     pub damaged_segments: u64,
     /// Copies of cut segments kept under `corrupt/`.
     pub corrupt_copies: usize,
+    /// Unacknowledged batches stamped on a boot clock whose offset to UTC is not known.
+    pub boot_clock_batches: u64,
 }
 
 fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -38,6 +40,7 @@ fn walk(
     mut each: impl FnMut(u64, &[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
     let state = acks::read_state(dir)?;
+    let offsets = super::boots::read(&dir.join("boots"));
     for path in segments(dir)? {
         report.segments += 1;
         report.bytes += fs::metadata(&path)?.len();
@@ -67,6 +70,9 @@ fn walk(
             if h.seq < state.base || state.above.contains(&h.seq) {
                 continue;
             }
+            if frame::boot(&payload).is_some_and(|id| !offsets.contains_key(&id)) {
+                report.boot_clock_batches += 1;
+            }
             if let Some((n, first, last)) = frame::summary(&payload) {
                 report.unacked_batches += 1;
                 report.unacked_readings += n as u64;
@@ -87,15 +93,36 @@ pub fn stats(dir: &Path) -> io::Result<Report> {
     Ok(report)
 }
 
-/// Writes every unacknowledged record as one JSON line.
+/// Writes every unacknowledged record as one JSON line. Records stamped on a boot clock
+/// are converted to UTC when that boot's offset is known; otherwise they keep their
+/// boot-relative `timestamp` (milliseconds since that boot) and say so with
+/// `"timestamp_clock":"boot"` and the `boot_id`: never an invented time.
 pub fn export(dir: &Path, out: &mut impl Write) -> io::Result<Report> {
     let mut report = Report::default();
+    let offsets = super::boots::read(&dir.join("boots"));
     walk(dir, &mut report, |seq, payload| {
-        if let Some(b) = frame::decode(seq, payload) {
-            for rec in b.records() {
-                out.write_all(rec)?;
-                out.write_all(b"\n")?;
+        let Some(mut b) = frame::decode(seq, payload) else {
+            return Ok(());
+        };
+        let unconverted = match b.boot {
+            Some(id) => match offsets.get(&id) {
+                Some(&offset) => {
+                    b.shift_timestamps(offset);
+                    None
+                }
+                None => Some(crate::clock::boot_id_hex(&id)),
+            },
+            None => None,
+        };
+        for rec in b.records() {
+            match (&unconverted, rec.split_last()) {
+                (Some(id), Some((b'}', head))) => {
+                    out.write_all(head)?;
+                    write!(out, ",\"timestamp_clock\":\"boot\",\"boot_id\":\"{id}\"}}")?;
+                }
+                _ => out.write_all(rec)?,
             }
+            out.write_all(b"\n")?;
         }
         Ok(())
     })?;

@@ -352,6 +352,32 @@ impl SpoolLog {
         self.enforce_cap()
     }
 
+    /// Batches read from the backlog but kept back (their clock cannot be converted yet):
+    /// they stay unacknowledged, and the cursor reads them again from `rewind_to`.
+    pub fn release(&mut self, held: &BTreeSet<u64>) {
+        let Some(&lowest) = held.iter().next() else {
+            return;
+        };
+        for seq in held {
+            self.outstanding.remove(seq);
+        }
+        let seg = self
+            .segments
+            .iter()
+            .rev()
+            .find(|s| s.first <= lowest)
+            .or(self.segments.front())
+            .map(|s| s.first);
+        if let Some(first) = seg
+            && first <= self.cursor.seg_first
+        {
+            self.cursor.seg_first = first;
+            self.cursor.offset = SEG_HEAD;
+            self.cursor.reader = None;
+        }
+        self.cursor.floor = self.cursor.floor.min(lowest);
+    }
+
     /// A sequence number for a batch the disk would not take (kept in memory instead).
     pub fn reserve_seq(&mut self) -> u64 {
         let seq = self.next_seq;

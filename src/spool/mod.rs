@@ -2,6 +2,7 @@
 //! leaves only when the broker has acknowledged it.
 
 mod acks;
+pub mod boots;
 pub mod frame;
 pub mod inspect;
 pub mod log;

@@ -7,12 +7,13 @@
 //! batches are kept in a bounded memory buffer and still published; the spool is tried
 //! again with every batch and used as soon as it works.
 
+use super::boots::Boots;
 use super::log::{Dropped, Losses, Options, SpoolLog, Summary};
 use crate::batch::{self, Batch, Message, RECORDS_ENVELOPE};
 use crate::config::{Order, PayloadMode};
 use crate::stats::Stats;
-use std::collections::BTreeMap;
 use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -29,6 +30,11 @@ pub enum Cmd {
     Wake,
     /// The batcher has finished: once everything is handed out, the channels close.
     UpstreamDone,
+    /// The offset from a boot's clock to UTC is known: its held batches can go.
+    BootOffset {
+        boot_id: [u8; 16],
+        offset: i64,
+    },
 }
 
 /// Messages and the batches they carry, as handed to the publisher.
@@ -111,6 +117,7 @@ pub fn start(
 ) -> io::Result<(std::thread::JoinHandle<()>, Channels)> {
     let log = SpoolLog::open(settings.log.clone())?;
     report_recovery(&log);
+    let boots = Boots::load(&settings.log.dir);
     let (live_tx, live) = mpsc::channel(4);
     let (backlog_tx, backlog) = mpsc::channel(2);
     let handle = std::thread::Builder::new()
@@ -130,6 +137,8 @@ pub fn start(
                 known: BTreeMap::new(),
                 known_readings: 0,
                 scanning: true,
+                boots,
+                held: BTreeSet::new(),
                 upstream_open: true,
             };
             svc.run(cmds);
@@ -173,6 +182,9 @@ struct Service {
     known: BTreeMap<u64, Summary>,
     known_readings: u64,
     scanning: bool,
+    boots: Boots,
+    /// Batches read but kept back: stamped on a boot clock whose offset is not known yet.
+    held: BTreeSet<u64>,
     upstream_open: bool,
 }
 
@@ -208,6 +220,19 @@ impl Service {
                 }
                 Ok(Cmd::Wake) => {}
                 Ok(Cmd::UpstreamDone) => self.upstream_open = false,
+                Ok(Cmd::BootOffset { boot_id, offset }) => {
+                    if let Err(e) = self.boots.set(boot_id, offset) {
+                        tracing::warn!("spool: cannot record the clock offset of this boot: {e}");
+                    }
+                    if !self.held.is_empty() {
+                        tracing::info!(
+                            "clock trusted: {} held batch(es) converted to UTC and queued",
+                            self.held.len()
+                        );
+                        let held = std::mem::take(&mut self.held);
+                        self.log.release(&held);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     if self.scanning {
                         let before = self.known.len();
@@ -261,8 +286,14 @@ impl Service {
         self.known_readings = self.known.values().map(|&(n, _)| u64::from(n)).sum();
     }
 
+    /// Nothing more to hand out (held batches wait for a clock that may never come).
     fn drained(&self) -> bool {
-        self.pending.is_none() && self.carry.is_none() && self.memory.is_empty()
+        self.pending.is_none()
+            && self.carry.is_none()
+            && self
+                .memory
+                .iter()
+                .all(|b| b.boot.is_some_and(|id| self.boots.get(&id).is_none()))
     }
 
     fn append(&mut self, mut b: Batch) {
@@ -287,7 +318,7 @@ impl Service {
                 let may_go_live = match self.settings.order {
                     Order::LiveFirst => true,
                     Order::Fifo => false,
-                };
+                } && b.boot.is_none();
                 if may_go_live && self.memory.is_empty() {
                     self.hand_live(b);
                 }
@@ -370,7 +401,18 @@ impl Service {
                         }
                     },
                 };
-                let Some(b) = next else { break };
+                let Some(mut b) = next else { break };
+                if let Some(id) = b.boot {
+                    match self.boots.get(&id) {
+                        Some(offset) => b.shift_timestamps(offset),
+                        None => {
+                            // Never published with an invented time: kept until the offset
+                            // of its boot is known (if ever), exported by `spool export`.
+                            self.held.insert(b.seq);
+                            continue;
+                        }
+                    }
+                }
                 let fits = records + b.len() <= crate::config::MAX_RECORDS_PER_MESSAGE
                     && bytes + b.body.len() < self.settings.max_payload;
                 if !batches.is_empty() && (!fits || self.settings.mode == PayloadMode::Single) {
@@ -435,6 +477,7 @@ impl Service {
         } = self.log.losses;
         s.unacked_batches.store(self.log.unacked_batches(), Relaxed);
         s.unacked_readings.store(self.known_readings, Relaxed);
+        s.held_batches.store(self.held.len() as u64, Relaxed);
         let oldest = self
             .known
             .values()
