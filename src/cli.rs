@@ -180,6 +180,9 @@ pub fn main() -> ExitCode {
             Ok(c)
         }) {
             Ok(c) => {
+                if let Some(w) = c.key_permission_warning() {
+                    eprintln!("redline-agent: warning: {w}");
+                }
                 print!("{}", c.to_toml());
                 eprintln!("{}: configuration is valid", config.display());
                 ExitCode::SUCCESS
@@ -394,6 +397,11 @@ fn execute_with(
         && let Err(e) = config.check_files(&path.display().to_string())
     {
         return config_failure(&e);
+    }
+    if sink == Sink::Mqtt
+        && let Some(w) = config.key_permission_warning()
+    {
+        tracing::warn!("{w}");
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

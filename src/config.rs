@@ -936,6 +936,21 @@ impl Config {
             .map_err(|(key, msg)| err(&key, msg))
     }
 
+    /// A warning when the private key can be read by anyone but its owner (and group): it
+    /// identifies the car to AWS.
+    pub fn key_permission_warning(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let key = &self.mqtt.as_ref()?.key;
+        let mode = std::fs::metadata(key).ok()?.permissions().mode();
+        (mode & 0o007 != 0).then(|| {
+            format!(
+                "the private key {} is readable by other users (mode {:o}): chmod 0640 (owner root, group redline-agent) or 0600",
+                key.display(),
+                mode & 0o777
+            )
+        })
+    }
+
     pub fn client_id(&self) -> String {
         self.mqtt
             .as_ref()

@@ -458,3 +458,33 @@ fn faults_give_nulls_never_nan() {
         records.len()
     );
 }
+
+#[test]
+fn a_key_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    let key = fx.path.join("open.key");
+    std::fs::copy(&fx.pki.client_key, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let base = fx.spec("records").render();
+    let text = base.replacen(
+        &format!("key = {}", support::toml_path(&fx.pki.client_key)),
+        &format!("key = {}", support::toml_path(&key)),
+        1,
+    );
+    let path = fx.write("open-key.toml", &text);
+    let out = run_agent(&["check-config", "--config", path_str(&path)], QUICK);
+    assert_exit(&out, 0, "check-config with an open key");
+    assert!(
+        out.stderr.contains("readable by other users"),
+        "{}",
+        out.describe()
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run_agent(&["check-config", "--config", path_str(&path)], QUICK);
+    assert!(
+        !out.stderr.contains("readable by other users"),
+        "{}",
+        out.describe()
+    );
+}
