@@ -207,40 +207,65 @@ impl FrameEncoder {
         }
     }
 
-    /// The frame that carries a new value of `sensor`, if it is on the bus and the value
-    /// can be encoded (a real ECU cannot put NaN or a negative RPM on an unsigned signal:
-    /// that update is simply not sent).
-    pub fn frame(&mut self, sensor: Sensor, value: f64) -> Option<RawFrame> {
+    /// Takes a new value of `sensor`; returns the message that carries it, if it is on the
+    /// bus. A sensor that fails sends its "invalid" code, all ones, as real ECUs do; the
+    /// agent sees a value outside the physical range and records null.
+    pub fn set(&mut self, sensor: Sensor, value: f64) -> Option<&str> {
         let &(_, field) = self.sensor_field.iter().find(|(s, _)| *s == sensor)?;
-        let (message, signal, _) = self.signal_of[field].clone()?;
-        // A sensor that fails sends its "invalid" code, all ones, as real ECUs do; the
-        // agent sees a value outside the physical range and records null.
+        let (message, signal, _) = self.signal_of[field].as_ref()?;
         let value = if value.is_finite() {
             value
         } else {
-            let msg = self.dbc.message(&message).ok()?;
-            msg.signal(&signal)?.physical_range().1
+            let msg = self.dbc.message(message).ok()?;
+            msg.signal(signal)?.physical_range().1
         };
         self.latest[field] = Some(value);
+        Some(message.as_str())
+    }
+
+    /// The frame of `message` with the latest value of every bound signal it carries (a
+    /// real ECU cannot put a negative RPM on an unsigned signal: then nothing is sent).
+    pub fn frame_of(&self, message: &str) -> Option<RawFrame> {
         let mut values: Vec<(&str, f64)> = Vec::new();
         for (f, sig) in self.signal_of.iter().enumerate() {
             if let (Some((m, s, convert)), Some(v)) = (sig, self.latest[f])
-                && *m == message
+                && m == message
             {
-                let raw = convert.map_or(v, |c| c.invert(v));
-                values.push((s.as_str(), raw));
+                values.push((s.as_str(), convert.map_or(v, |c| c.invert(v))));
             }
         }
-        let msg = self.dbc.message(&message).ok()?;
+        let msg = self.dbc.message(message).ok()?;
         let (id, extended) = (msg.id.id, msg.id.extended);
         let mut data = [0u8; 64];
-        let len = self.dbc.encode(&message, &values, &mut data).ok()?;
+        let len = self.dbc.encode(message, &values, &mut data).ok()?;
         Some(RawFrame {
             id,
             extended,
             len,
             data,
         })
+    }
+
+    /// The frames one step of the simulated car puts on the bus: one per message whose
+    /// signals changed, as each ECU sends its message once per cycle.
+    pub fn step_frames(
+        &mut self,
+        updates: &[crate::simulator::SimUpdate],
+        out: &mut Vec<(Micros, RawFrame)>,
+    ) {
+        let mut touched: Vec<(String, Micros)> = Vec::new();
+        for u in updates {
+            if let Some(m) = self.set(u.sensor, u.value)
+                && !touched.iter().any(|(t, _)| t == m)
+            {
+                touched.push((m.to_string(), u.at));
+            }
+        }
+        for (m, at) in touched {
+            if let Some(f) = self.frame_of(&m) {
+                out.push((at, f));
+            }
+        }
     }
 }
 
@@ -270,6 +295,12 @@ pub async fn run(
             )?;
             Ok(s)
         });
+        // A socket binds to a down interface; only an up one counts as back.
+        let socket = socket.and_then(|s| match link_state(&iface) {
+            Some((_, true)) => Ok(s),
+            _ => Err(std::io::Error::other("interface is down")),
+        });
+        let bound_index = link_state(&iface).map(|(i, _)| i);
         let socket = match socket {
             Ok(s) => s,
             Err(e) => {
@@ -298,9 +329,18 @@ pub async fn run(
             ),
         }
         backoff = BACKOFF_MIN;
+        let mut health = tokio::time::interval(Duration::from_millis(250));
         loop {
             let frame = tokio::select! {
                 f = socket.read_frame() => f,
+                _ = health.tick() => {
+                    match link_state(&iface) {
+                        Some((i, true)) if Some(i) == bound_index => continue,
+                        Some((_, true)) => Err(std::io::Error::other("interface re-created")),
+                        Some((_, false)) => Err(std::io::Error::other("interface is down")),
+                        None => Err(std::io::Error::other("interface removed")),
+                    }
+                }
                 _ = stop.cancelled() => return,
             };
             let at = clock.now();
@@ -351,4 +391,17 @@ pub async fn run(
             _ = stop.cancelled() => return,
         }
     }
+}
+
+/// (ifindex, IFF_UP) of an interface from sysfs; None when it does not exist.
+fn link_state(iface: &str) -> Option<(u32, bool)> {
+    let dir = std::path::Path::new("/sys/class/net").join(iface);
+    let index = std::fs::read_to_string(dir.join("ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let flags = std::fs::read_to_string(dir.join("flags")).ok()?;
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()?;
+    Some((index, flags & 1 != 0))
 }

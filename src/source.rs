@@ -60,6 +60,7 @@ pub async fn simulator(
 ) {
     let map = field_map(config);
     let mut decoded = Vec::new();
+    let mut frames = Vec::new();
     let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
     let end = settings
         .duration
@@ -77,27 +78,29 @@ pub async fn simulator(
         }
         updates.clear();
         let now = sim.step(&mut updates);
-        for u in &updates {
-            if end.is_some_and(|e| u.at >= e) {
-                continue;
+        updates.retain(|u| end.is_none_or(|e| u.at < e));
+        if let Some((encoder, decoding)) = &mut bus {
+            frames.clear();
+            encoder.step_frames(&updates, &mut frames);
+            for (at, f) in &frames {
+                decoding.decode(f.id, f.extended, f.data(), *at, &stats, &mut decoded);
             }
-            if let Some((encoder, decoding)) = &mut bus {
-                if let Some(f) = encoder.frame(u.sensor, u.value) {
-                    decoding.decode(f.id, f.extended, f.data(), u.at, &stats, &mut decoded);
+            for ev in decoded.drain(..) {
+                if tx.send(ev).await.is_err() {
+                    return;
                 }
-                for ev in decoded.drain(..) {
+            }
+        } else {
+            for u in &updates {
+                if let Some(&(_, field)) = map.iter().find(|(s, _)| *s == u.sensor) {
+                    let ev = SourceEvent::Update(SignalUpdate {
+                        field,
+                        value: u.value,
+                        at: u.at,
+                    });
                     if tx.send(ev).await.is_err() {
                         return;
                     }
-                }
-            } else if let Some(&(_, field)) = map.iter().find(|(s, _)| *s == u.sensor) {
-                let ev = SourceEvent::Update(SignalUpdate {
-                    field,
-                    value: u.value,
-                    at: u.at,
-                });
-                if tx.send(ev).await.is_err() {
-                    return;
                 }
             }
         }
@@ -205,6 +208,7 @@ pub async fn emit_can(
         .map(|d| settings.start + d.as_micros() as Micros);
     let wall_start = Instant::now();
     let mut updates = Vec::new();
+    let mut frames = Vec::new();
     let mut sent = 0u64;
     let mut steps = 0u64;
     while !stop.is_cancelled() {
@@ -213,10 +217,9 @@ pub async fn emit_can(
         if end.is_some_and(|e| now > e) {
             break;
         }
-        for u in &updates {
-            let Some(f) = encoder.frame(u.sensor, u.value) else {
-                continue;
-            };
+        frames.clear();
+        encoder.step_frames(&updates, &mut frames);
+        for (_, f) in &frames {
             let id: Option<Id> = if f.extended {
                 ExtendedId::new(f.id).map(Id::Extended)
             } else {
