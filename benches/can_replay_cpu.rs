@@ -14,7 +14,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("busy.log");
     let dbc = Dbc::from_text(GT3_DBC).expect("GT3 DBC");
-    let ids: Vec<(u32, bool)> = dbc.messages().iter().map(|m| (m.id.id, m.id.extended)).collect();
+    let ids: Vec<(u32, bool)> = dbc
+        .messages()
+        .iter()
+        .map(|m| (m.id.id, m.id.extended))
+        .collect();
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(11);
     let mut out = std::io::BufWriter::new(std::fs::File::create(&log).expect("create log"));
     let t0 = 1_705_267_200_000_000i64;
@@ -25,9 +29,19 @@ fn main() {
         let mut data = [0u8; 8];
         rng.fill(&mut data);
         data[0] &= 0x03; // keep TyreData's multiplexor valid
-        let idtxt = if ext { format!("{id:08X}") } else { format!("{id:03X}") };
+        let idtxt = if ext {
+            format!("{id:08X}")
+        } else {
+            format!("{id:03X}")
+        };
         let hex: String = data.iter().map(|b| format!("{b:02X}")).collect();
-        writeln!(out, "({}.{:06}) can0 {idtxt}#{hex}", t / 1_000_000, t % 1_000_000).expect("write");
+        writeln!(
+            out,
+            "({}.{:06}) can0 {idtxt}#{hex}",
+            t / 1_000_000,
+            t % 1_000_000
+        )
+        .expect("write");
     }
     out.flush().expect("flush");
     drop(out);
@@ -37,13 +51,20 @@ fn main() {
         "'{agent}' replay '{}' --stdout --speed max > /dev/null 2>&1; echo rc=$?; times",
         log.display()
     );
-    let output = Command::new("bash").arg("-c").arg(&script).output().expect("bash");
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("bash");
     let text = String::from_utf8_lossy(&output.stdout);
     let children = text.lines().last().unwrap_or_default().to_string();
     let cpu: f64 = children
         .split_whitespace()
         .map(|t| {
-            let (m, s) = t.trim_end_matches('s').split_once('m').unwrap_or(("0", "0"));
+            let (m, s) = t
+                .trim_end_matches('s')
+                .split_once('m')
+                .unwrap_or(("0", "0"));
             m.parse::<f64>().unwrap_or(0.0) * 60.0 + s.parse::<f64>().unwrap_or(0.0)
         })
         .sum();

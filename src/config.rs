@@ -577,7 +577,23 @@ impl Config {
             message: format!("cannot read the file: {e}"),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse_in(&text, &file, base)
+        let mut config = Self::parse_in(&text, &file, base)?;
+        config.use_credentials();
+        Ok(config)
+    }
+
+    /// Under systemd with `LoadCredential=mqtt.key:...`, the private key comes from the
+    /// credentials directory (readable by the service alone) instead of `mqtt.key`.
+    fn use_credentials(&mut self) {
+        let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+            return;
+        };
+        let key = Path::new(&dir).join("mqtt.key");
+        if let Some(m) = &mut self.mqtt
+            && key.is_file()
+        {
+            m.key = key;
+        }
     }
 
     /// Parses and validates `text`; `file` is used in error messages only.
