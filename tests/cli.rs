@@ -488,3 +488,35 @@ fn a_key_readable_by_others_is_warned_about() {
         out.describe()
     );
 }
+
+#[test]
+fn the_key_comes_from_systemd_credentials_when_present() {
+    let fx = Fixture::new();
+    let creds = fx.path.join("credentials");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::copy(&fx.pki.client_key, creds.join("mqtt.key")).unwrap();
+    let base = fx.spec("records").render();
+    // The key file the config names is not readable by the service: systemd copies it.
+    let text = base.replacen(
+        &format!("key = {}", support::toml_path(&fx.pki.client_key)),
+        "key = \"/nonexistent/private.pem.key\"",
+        1,
+    );
+    let path = fx.write("creds.toml", &text);
+    let mut cmd = support::agent();
+    cmd.args(["check-config", "--config", path_str(&path)])
+        .env("CREDENTIALS_DIRECTORY", &creds);
+    let out = support::process::run("redline-agent", cmd, QUICK);
+    assert_exit(
+        &out,
+        0,
+        "check-config with the key in CREDENTIALS_DIRECTORY",
+    );
+    assert!(
+        out.stdout_text.contains("credentials/mqtt.key"),
+        "{}",
+        out.describe()
+    );
+    let out = run_agent(&["check-config", "--config", path_str(&path)], QUICK);
+    assert_exit(&out, 2, "without the credentials the named key is missing");
+}
