@@ -9,6 +9,7 @@
 use crate::clock::LiveClock;
 use crate::config::{Config, Convert, SignalBinding, SourceKind, split_signal};
 use crate::dbc::{Dbc, Decoder, SignalRef};
+use crate::reopen::Reopen;
 use crate::signal::{Micros, SignalUpdate, SourceEvent};
 use crate::simulator::Sensor;
 use crate::stats::Stats;
@@ -269,9 +270,6 @@ impl FrameEncoder {
     }
 }
 
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
 /// Reads the configured interface until `stop`.
 pub async fn run(
     config: &Config,
@@ -283,8 +281,7 @@ pub async fn run(
 ) {
     let iface = config.source.interface.clone().unwrap_or_default();
     let filters = decoding.filters();
-    let mut backoff = BACKOFF_MIN;
-    let mut outage: Option<tokio::time::Instant> = None;
+    let mut reopen = Reopen::new(format!("CAN interface {iface}"));
     let mut events = Vec::with_capacity(16);
     loop {
         let socket = socketcan::tokio::CanFdSocket::open(&iface).and_then(|s| {
@@ -304,33 +301,19 @@ pub async fn run(
         let socket = match socket {
             Ok(s) => s,
             Err(e) => {
-                if outage.is_none() {
-                    tracing::warn!(
-                        "CAN interface {iface} unavailable ({e}); its fields go stale; retrying"
-                    );
-                    outage = Some(tokio::time::Instant::now());
+                if !reopen.failed(e, &stop).await {
+                    return;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
-        match outage.take() {
-            Some(since) => tracing::info!(
-                "CAN interface {iface} back after {:.1}s",
-                since.elapsed().as_secs_f64()
-            ),
-            None => tracing::info!(
-                "reading CAN interface {iface} ({} identifier(s) filtered in the kernel)",
-                filters.len()
-            ),
-        }
-        backoff = BACKOFF_MIN;
+        reopen.opened(&format!(
+            " ({} identifier(s) filtered in the kernel)",
+            filters.len()
+        ));
+        // A link going down or the interface going away wakes no read: look at it.
         let mut health = tokio::time::interval(Duration::from_millis(250));
-        loop {
+        let lost = loop {
             let frame = tokio::select! {
                 f = socket.read_frame() => f,
                 _ = health.tick() => {
@@ -346,13 +329,7 @@ pub async fn run(
             let at = clock.now();
             let frame = match frame {
                 Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!(
-                        "CAN interface {iface} lost ({e}); its fields go stale; reopening"
-                    );
-                    outage = Some(tokio::time::Instant::now());
-                    break;
-                }
+                Err(e) => break e,
             };
             match &frame {
                 CanAnyFrame::Normal(f) => decoding.decode(
@@ -385,10 +362,9 @@ pub async fn run(
                     return;
                 }
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.cancelled() => return,
+        };
+        if !reopen.lost(lost, &stop).await {
+            return;
         }
     }
 }

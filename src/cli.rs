@@ -152,6 +152,35 @@ pub struct SimulateArgs {
     pub line_rate: u32,
 }
 
+impl SimulateArgs {
+    /// The simulated car these arguments ask for, with the config's seed and faults as
+    /// defaults.
+    fn settings(&self, cfg: &Config) -> SimSettings {
+        SimSettings {
+            seed: self.seed.unwrap_or(cfg.source.seed),
+            start: self.start.unwrap_or_else(crate::clock::wall_now_us),
+            faults: self.faults || cfg.source.faults,
+            duration: self.duration,
+            speed: self.speed,
+        }
+    }
+}
+
+/// The agent's runtime: one thread, because it is small and quiet on a busy ECU (the
+/// spool has its own thread for the disk).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("redline-agent: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum SerialFormat {
     Kv,
@@ -265,13 +294,7 @@ pub fn main() -> ExitCode {
             } else {
                 Sink::Mqtt
             };
-            let sim = SimSettings {
-                seed: args.seed.unwrap_or(cfg.source.seed),
-                start: args.start.unwrap_or_else(crate::clock::wall_now_us),
-                faults: args.faults || cfg.source.faults,
-                duration: args.duration,
-                speed: args.speed,
-            };
+            let sim = args.settings(&cfg);
             execute(cfg, &path, Timing::Data, sink, sim, args.duration.is_some())
         }
     }
@@ -298,23 +321,10 @@ fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("redline-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
-    let sim = SimSettings {
-        seed: args.seed.unwrap_or(cfg.source.seed),
-        start: args.start.unwrap_or_else(crate::clock::wall_now_us),
-        faults: args.faults || cfg.source.faults,
-        duration: args.duration,
-        speed: args.speed,
-    };
+    let sim = args.settings(&cfg);
     let result = runtime.block_on(async {
         let stop = CancellationToken::new();
         tokio::spawn(watch_signals(stop.clone()));
@@ -334,23 +344,10 @@ fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
 
 /// `simulate --can`: the simulated car's frames on a real CAN interface.
 fn emit_can(cfg: Config, iface: &str, args: &SimulateArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("redline-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
-    let sim = SimSettings {
-        seed: args.seed.unwrap_or(cfg.source.seed),
-        start: args.start.unwrap_or_else(crate::clock::wall_now_us),
-        faults: args.faults || cfg.source.faults,
-        duration: args.duration,
-        speed: args.speed,
-    };
+    let sim = args.settings(&cfg);
     let result = runtime.block_on(async {
         let stop = CancellationToken::new();
         tokio::spawn(watch_signals(stop.clone()));
@@ -403,15 +400,8 @@ fn execute_with(
     {
         tracing::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("redline-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let session_id = if config.vehicle.session_id == "auto" {
         uuid::Uuid::new_v4().to_string()

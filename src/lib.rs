@@ -20,6 +20,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod publisher;
 pub mod record;
+pub mod reopen;
 pub mod replay;
 pub mod sampler;
 pub mod serial;

@@ -8,17 +8,14 @@ use crate::clock::LiveClock;
 use crate::config::{Config, Parity};
 use crate::line_framer::LineFramer;
 use crate::line_protocol::{LineError, LineParser};
+use crate::reopen::Reopen;
 use crate::signal::{SignalUpdate, SourceEvent};
 use crate::stats::Stats;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
-
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub fn builder(config: &Config) -> tokio_serial::SerialPortBuilder {
     let src = &config.source;
@@ -67,59 +64,30 @@ pub async fn run(
     let mut framer = LineFramer::new(config.source.max_line, false);
     let mut values = Vec::with_capacity(16);
     let mut buf = vec![0u8; 4096];
-    let mut backoff = BACKOFF_MIN;
-    let mut outage: Option<(tokio::time::Instant, String)> = None;
+    let mut reopen = Reopen::new(format!("serial device {device}"));
     loop {
-        let opened = builder.clone().open_native_async();
-        let mut port = match opened {
+        let mut port = match builder.clone().open_native_async() {
             Ok(p) => p,
             Err(e) => {
-                if outage.is_none() {
-                    tracing::warn!(
-                        "serial device {device} unavailable ({e}); its fields go stale; retrying"
-                    );
-                    outage = Some((tokio::time::Instant::now(), e.to_string()));
+                if !reopen.failed(e, &stop).await {
+                    return;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
-        match outage.take() {
-            Some((since, _)) => tracing::info!(
-                "serial device {device} back after {:.1}s",
-                since.elapsed().as_secs_f64()
-            ),
-            None => tracing::info!("reading serial device {device}"),
-        }
-        backoff = BACKOFF_MIN;
+        reopen.opened("");
         // Whatever arrives first may be the tail of a line cut by the reconnect.
         framer.reset(false);
-        loop {
+        let lost = loop {
             let n = tokio::select! {
                 r = port.read(&mut buf) => r,
                 _ = stop.cancelled() => return,
             };
             let n = match n {
-                Ok(0) => {
-                    outage = Some((tokio::time::Instant::now(), "end of file".into()));
-                    tracing::warn!(
-                        "serial device {device} closed (end of file); its fields go stale; reopening"
-                    );
-                    break;
-                }
+                Ok(0) => break "end of file".to_string(),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::warn!(
-                        "serial device {device} lost ({e}); its fields go stale; reopening"
-                    );
-                    outage = Some((tokio::time::Instant::now(), e.to_string()));
-                    break;
-                }
+                Err(e) => break e.to_string(),
             };
             let at = clock.now();
             let mut events = Vec::new();
@@ -141,11 +109,10 @@ pub async fn run(
                     return;
                 }
             }
-        }
+        };
         drop(port);
-        tokio::select! {
-            _ = tokio::time::sleep(BACKOFF_MIN) => {}
-            _ = stop.cancelled() => return,
+        if !reopen.lost(lost, &stop).await {
+            return;
         }
     }
 }
