@@ -138,13 +138,21 @@ impl ClockSource {
     }
 }
 
-/// The kernel's view: `adjtimex` returns TIME_ERROR while no time service has set the clock.
+/// Whether a time service has synchronised the clock: the kernel's view (`adjtimex`
+/// returns TIME_ERROR until NTP, PTP or GPS has set it), or, where the hardened unit
+/// forbids even reading it (`ProtectClock=yes`), systemd-timesyncd's flag file.
 pub fn kernel_synchronised() -> bool {
     // SAFETY: a zeroed timex with modes = 0 only reads the kernel state into it.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::adjtimex(&mut tx) };
-    rc >= 0 && rc != libc::TIME_ERROR && (tx.status & libc::STA_UNSYNC) == 0
+    if rc >= 0 {
+        return rc != libc::TIME_ERROR && (tx.status & libc::STA_UNSYNC) == 0;
+    }
+    std::path::Path::new(TIMESYNCD_FLAG).exists()
 }
+
+/// Created by systemd-timesyncd once it has synchronised the clock (in /run: gone at boot).
+pub const TIMESYNCD_FLAG: &str = "/run/systemd/timesync/synchronized";
 
 /// `x` rounded to the nearest multiple of `step`.
 pub fn round_to(x: Micros, step: Micros) -> Micros {

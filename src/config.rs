@@ -958,9 +958,9 @@ impl Config {
         use std::os::unix::fs::PermissionsExt;
         let key = &self.mqtt.as_ref()?.key;
         let mode = std::fs::metadata(key).ok()?.permissions().mode();
-        (mode & 0o007 != 0).then(|| {
+        (mode & 0o077 != 0).then(|| {
             format!(
-                "the private key {} is readable by other users (mode {:o}): chmod 0640 (owner root, group redline-agent) or 0600",
+                "the private key {} is readable by other users (mode {:o}): chmod 0600 (the systemd unit hands it to the service with LoadCredential=)",
                 key.display(),
                 mode & 0o777
             )
