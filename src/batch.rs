@@ -6,6 +6,9 @@ use crate::signal::Micros;
 /// `{"records":[` + `]}`: what the records payload adds around the comma-joined records.
 pub const RECORDS_ENVELOPE: usize = 14;
 
+/// Digits an epoch-millisecond timestamp may have beyond a boot-clock one.
+const BOOT_TIMESTAMP_GROWTH: usize = 13;
+
 /// Consecutive records, the unit of durability and acknowledgement.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
@@ -138,16 +141,24 @@ impl Batcher {
 
     /// Adds one encoded record sampled at `at`; returns the batches it closed.
     pub fn push(&mut self, record: &[u8], at: Micros, out: &mut Vec<Batch>) {
+        // A boot-clock timestamp grows by up to 13 digits when it is converted to epoch
+        // milliseconds before publishing: keep room for it.
+        let room = if self.boot.is_some() {
+            BOOT_TIMESTAMP_GROWTH
+        } else {
+            0
+        };
+        let record_len = record.len() + room;
         let fits_alone = match self.limits.mode {
-            PayloadMode::Records => record.len() + RECORDS_ENVELOPE <= self.limits.payload_cap(),
-            PayloadMode::Single => record.len() <= self.limits.payload_cap(),
+            PayloadMode::Records => record_len + RECORDS_ENVELOPE <= self.limits.payload_cap(),
+            PayloadMode::Single => record_len <= self.limits.payload_cap(),
         };
         if !fits_alone {
             self.oversize += 1;
             return;
         }
         if let Some(open) = &self.open
-            && open.payload_len() + 1 + record.len() > self.limits.payload_cap()
+            && open.payload_len() + room * open.len() + 1 + record_len > self.limits.payload_cap()
         {
             out.extend(self.open.take());
         }

@@ -447,6 +447,10 @@ pub struct Mqtt {
     pub reconnect_min: Dur,
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max: Dur,
+    /// A publish without PUBACK for this long: the connection is dropped and everything
+    /// unacknowledged is sent again on a new one (AWS throttles by withholding PUBACKs).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: Dur,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -495,6 +499,9 @@ fn default_connect_timeout() -> Dur {
 }
 fn default_reconnect_min() -> Dur {
     Dur(Duration::from_secs(1))
+}
+fn default_ack_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 fn default_reconnect_max() -> Dur {
     Dur(Duration::from_secs(60))
@@ -916,6 +923,9 @@ impl Config {
                 "mqtt.reconnect_min",
                 "expected at least 1s (AWS IoT allows one CONNECT per second per client id)".into(),
             );
+        }
+        if m.ack_timeout.0 < Duration::from_secs(1) {
+            return e("mqtt.ack_timeout", "expected at least 1s".into());
         }
         if m.reconnect_max.0 < m.reconnect_min.0 {
             return e(

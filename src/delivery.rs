@@ -14,6 +14,8 @@ use std::collections::{HashMap, VecDeque};
 struct Sent {
     msg: Message,
     pkid: Option<u16>,
+    /// When the client wrote it (its packet id known).
+    at: Option<std::time::Instant>,
 }
 
 /// A batch whose every message has been acknowledged.
@@ -81,6 +83,7 @@ impl Delivery {
         self.sent.push_back(Sent {
             msg: msg.clone(),
             pkid: None,
+            at: None,
         });
         Some(msg)
     }
@@ -100,15 +103,22 @@ impl Delivery {
         }
     }
 
-    /// The client sent a publish with this packet id. False if no message was waiting for one.
-    pub fn on_sent(&mut self, pkid: u16) -> bool {
-        match self.sent.iter_mut().find(|s| s.pkid.is_none()) {
-            Some(s) => {
-                s.pkid = Some(pkid);
-                true
-            }
-            None => false,
-        }
+    /// The client sent a publish with this packet id; returns its payload size, `None` if
+    /// no message was waiting for one.
+    pub fn on_sent(&mut self, pkid: u16) -> Option<usize> {
+        let s = self.sent.iter_mut().find(|s| s.pkid.is_none())?;
+        s.pkid = Some(pkid);
+        s.at = Some(std::time::Instant::now());
+        Some(s.msg.payload.len())
+    }
+
+    /// How long the oldest message written to the broker has waited for its PUBACK.
+    pub fn oldest_unacked_wait(&self) -> Option<std::time::Duration> {
+        self.sent
+            .iter()
+            .filter_map(|s| s.at)
+            .min()
+            .map(|t| t.elapsed())
     }
 
     /// A PUBACK arrived; returns the batches it completed.
@@ -187,8 +197,8 @@ mod tests {
             sent.push(m);
         }
         assert_eq!(sent.len(), 3);
-        assert!(d.on_sent(7) && d.on_sent(8) && d.on_sent(9));
-        assert!(!d.on_sent(10));
+        assert!(d.on_sent(7).is_some() && d.on_sent(8).is_some() && d.on_sent(9).is_some());
+        assert!(d.on_sent(10).is_none());
         let mut done = Vec::new();
         assert!(d.on_puback(9, &mut done));
         assert!(done.is_empty());
@@ -214,7 +224,9 @@ mod tests {
         };
         d.enqueue_many(&[(4, 10), (5, 10), (6, 10)], vec![m]);
         d.next_to_send();
+        assert!(d.oldest_unacked_wait().is_none());
         d.on_sent(1);
+        assert!(d.oldest_unacked_wait().is_some());
         let mut done = Vec::new();
         d.on_puback(1, &mut done);
         assert_eq!(done.iter().map(|a| a.seq).collect::<Vec<_>>(), [4, 5, 6]);

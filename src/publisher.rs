@@ -112,6 +112,7 @@ async fn link_task(
     mut eventloop: EventLoop,
     tx: mpsc::UnboundedSender<LinkEvent>,
     mut resume: mpsc::Receiver<()>,
+    mut kick: mpsc::Receiver<Duration>,
     mut backoff: Backoff,
     stop: CancellationToken,
 ) {
@@ -130,8 +131,29 @@ async fn link_task(
             last_connect = Some(Instant::now());
         }
         let polled = tokio::select! {
-            r = eventloop.poll() => r,
+            r = eventloop.poll() => Ok(r),
+            // The publisher gave up on a PUBACK: drop this connection (a poll cut short is
+            // harmless here, the connection goes anyway) and resend on a new one.
+            Some(waited) = kick.recv(), if connected => Err(waited),
             _ = stop.cancelled() => return,
+        };
+        let polled = match polled {
+            Ok(Err(ConnectionError::RequestsDone)) => {
+                let _ = tx.send(LinkEvent::Closed);
+                return;
+            }
+            Ok(r) => r.map_err(|e| link_error::classify(&e)),
+            Err(waited) => {
+                eventloop.clean();
+                Err(LinkError {
+                    class: Class::Network,
+                    detail: format!(
+                        "no PUBACK for {:.0}s (the broker throttles silently, or the link is dead)",
+                        waited.as_secs_f64()
+                    ),
+                    advice: "",
+                })
+            }
         };
         let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -146,10 +168,6 @@ async fn link_task(
                 return;
             }
             Ok(_) => continue,
-            Err(ConnectionError::RequestsDone) => {
-                let _ = tx.send(LinkEvent::Closed);
-                return;
-            }
             Err(e) => {
                 connected = false;
                 // Acks read just before the error are real; other leftovers are dropped.
@@ -158,10 +176,7 @@ async fn link_task(
                         let _ = tx.send(LinkEvent::PubAck(ack.pkid));
                     }
                 }
-                if tx
-                    .send(LinkEvent::Disconnected(link_error::classify(&e)))
-                    .is_err()
-                {
+                if tx.send(LinkEvent::Disconnected(e)).is_err() {
                     return;
                 }
                 tokio::select! {
@@ -172,6 +187,9 @@ async fn link_task(
                 // the publisher has put them back in its own queue.
                 eventloop.clean();
                 eventloop.pending.clear();
+                // A publish held back on a packet id whose PUBACK never came: rumqttc keeps
+                // it across reconnects and would send nothing else, for ever.
+                eventloop.state.collision = None;
                 let wait = backoff.next();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -313,11 +331,15 @@ pub async fn run(
     );
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     let (resume_tx, resume_rx) = mpsc::channel(1);
+    let (kick_tx, kick_rx) = mpsc::channel(1);
+    let ack_timeout = m.ack_timeout.0;
+    let mut kicked = false;
     let link_stop = CancellationToken::new();
     let link = tokio::spawn(link_task(
         eventloop,
         link_tx,
         resume_rx,
+        kick_rx,
         backoff,
         link_stop.clone(),
     ));
@@ -348,16 +370,12 @@ pub async fn run(
                 let Some(msg) = delivery.next_to_send() else {
                     break;
                 };
-                let len = msg.payload.len() as u64;
                 let (topic, retain) = match &msg.control {
                     Some(c) => (c.topic.clone(), c.retain),
                     None => (settings.topic.clone(), false),
                 };
                 match client.try_publish(topic, QoS::AtLeastOnce, retain, msg.payload) {
-                    Ok(()) => {
-                        Stats::add(&stats.messages_published, 1);
-                        Stats::add(&stats.bytes_published, len);
-                    }
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::debug!("MQTT client queue full, retrying later: {e}");
                         delivery.unsend_last();
@@ -402,11 +420,13 @@ pub async fn run(
                         delivery.enqueue_control(control_msg(crate::health::online(&st.meta), to), true);
                     }
                 }
-                Some(LinkEvent::Sent(pkid)) => {
-                    if !delivery.on_sent(pkid) {
-                        tracing::warn!("publish with packet id {pkid} matches no message");
+                Some(LinkEvent::Sent(pkid)) => match delivery.on_sent(pkid) {
+                    Some(len) => {
+                        Stats::add(&stats.messages_published, 1);
+                        Stats::add(&stats.bytes_published, len as u64);
                     }
-                }
+                    None => tracing::warn!("publish with packet id {pkid} matches no message"),
+                },
                 Some(LinkEvent::PubAck(pkid)) => {
                     Stats::add(&stats.pubacks, 1);
                     stats.last_ack_ms.store(
@@ -423,6 +443,7 @@ pub async fn run(
                     }
                 }
                 Some(LinkEvent::Disconnected(err)) => {
+                    kicked = false;
                     stats.set_last_error(err.class.name(), err.to_string());
                     let requeued = delivery.in_flight();
                     delivery.on_disconnect();
@@ -455,7 +476,14 @@ pub async fn run(
                 break;
             }
             _ = stop.cancelled(), if hard_deadline.is_none() => {}
-            _ = heartbeat.tick() => {}
+            _ = heartbeat.tick() => {
+                if let Some(waited) = delivery.oldest_unacked_wait().filter(|w| *w > ack_timeout)
+                    && connected
+                    && !kicked
+                {
+                    kicked = kick_tx.try_send(waited).is_ok();
+                }
+            }
             _ = status_tick.tick(), if settings.status.is_some() => {
                 if let (Some(st), Some(to)) = (&settings.status, &control) {
                     // Only the newest status waits; it queues behind the telemetry.

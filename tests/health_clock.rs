@@ -307,3 +307,49 @@ fn a_restart_while_untrusted_loses_nothing() {
         held.len()
     );
 }
+
+#[test]
+fn a_withheld_puback_drops_the_connection_and_resends() {
+    let rig = Rig::new();
+    // keep_alive 30 s: without the PUBACK timeout a frozen broker went unnoticed for a minute.
+    let cfg = rig.config("[status]\nfile = \"\"\nenabled = false\n");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    let text = text.replacen(
+        "max_inflight = 20",
+        "max_inflight = 20\nack_timeout = \"2s\"\nconnect_timeout = \"2s\"",
+        1,
+    );
+    std::fs::write(&cfg, text).expect("config");
+    let mut sub = Subscriber::start(&rig.broker);
+    let mut agent = rig.run(&cfg, None);
+    std::thread::sleep(Duration::from_millis(2500));
+    let pid = support::spool::broker_pid(rig.dir.path());
+    support::process::send_signal(pid, "STOP");
+    std::thread::sleep(Duration::from_secs(5));
+    support::process::send_signal(pid, "CONT");
+    let healed = poll(Duration::from_secs(15), || {
+        agent
+            .stderr_text()
+            .contains("after")
+            .then_some(())
+            .filter(|_| agent.stderr_text().contains("no PUBACK for"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    agent.terminate();
+    let stderr = agent.stderr_text();
+    assert!(
+        healed.is_some(),
+        "no PUBACK timeout and reconnect:\n{stderr}"
+    );
+    sub.sync();
+    let mut ts = timestamps(&sub);
+    ts.dedup();
+    for w in ts.windows(2) {
+        assert_eq!(
+            w[1] - w[0],
+            100,
+            "a reading was lost around the freeze:\n{stderr}"
+        );
+    }
+    assert!(ts.len() >= 90, "{} readings", ts.len());
+}

@@ -23,6 +23,7 @@ const COMPACT_AFTER: usize = 4096;
 pub struct AckFile {
     path: PathBuf,
     file: File,
+    /// Entries appended since the file was last written whole.
     entries: usize,
     dirty: bool,
 }
@@ -93,7 +94,7 @@ impl AckFile {
         }
         parse(&bytes, &mut state);
         let file = write_fresh(&path, state.base, &state.above)?;
-        let entries = state.above.len();
+        let entries = 0;
         Ok((
             AckFile {
                 path,
@@ -119,9 +120,11 @@ impl AckFile {
     /// Makes the entries durable; rewrites the file when it has grown, with `base` and
     /// the acknowledged batches above it.
     pub fn sync(&mut self, base: u64, above: &BTreeSet<u64>) -> io::Result<()> {
+        // Counted since the last rewrite: when the base cannot move (batches held for a
+        // clock that never came) the file is not rewritten at every sync.
         if self.entries >= COMPACT_AFTER {
             self.file = write_fresh(&self.path, base, above)?;
-            self.entries = above.len();
+            self.entries = 0;
             self.dirty = false;
             return Ok(());
         }
@@ -135,7 +138,7 @@ impl AckFile {
     /// Rewrites the file now (at a clean stop, and when a base moved far).
     pub fn compact(&mut self, base: u64, above: &BTreeSet<u64>) -> io::Result<()> {
         self.file = write_fresh(&self.path, base, above)?;
-        self.entries = above.len();
+        self.entries = 0;
         self.dirty = false;
         Ok(())
     }

@@ -193,12 +193,17 @@ impl Broker {
         s
     }
 
-    /// How many TCP connections the TLS listener has accepted so far.
+    /// How many TCP connections the TLS listener has accepted so far. Mosquitto logs a
+    /// connection whose TLS handshake fails at once as "Client connection from ... failed"
+    /// instead of "New connection from ... on port P".
     pub fn tls_connections(&self) -> usize {
         let needle = format!(" on port {}.", self.tls_port);
         self.log()
             .lines()
-            .filter(|l| l.contains("New connection from") && l.contains(&needle))
+            .filter(|l| {
+                (l.contains("New connection from") && l.contains(&needle))
+                    || (l.contains("Client connection from") && l.contains(" failed"))
+            })
             .count()
     }
 
