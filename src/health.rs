@@ -93,6 +93,7 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
         json!({
             "readings": g(&stats.readings),
             "ticks_missed": g(&stats.ticks_missed),
+            "dropped_readings": g(&stats.readings_dropped),
             "nulls": nulls,
             "lines": g(&stats.lines),
             "frames": g(&stats.frames),

@@ -64,7 +64,9 @@ pub struct StartError {
 /// Where closed batches go.
 enum BatchOut {
     Stdout(mpsc::Sender<Batch>),
-    Spool(std::sync::mpsc::Sender<Cmd>),
+    /// The spool thread, its counters (for the queue it has not taken yet), and the most
+    /// batches that queue may hold.
+    Spool(std::sync::mpsc::Sender<Cmd>, Arc<SpoolStats>, u64),
 }
 
 pub async fn run(
@@ -156,6 +158,7 @@ pub async fn run(
                 upstream_done: upstream_done.clone(),
                 spool_stats: spool_stats.clone(),
             };
+            let queue_cap = config.delivery.memory_batches as u64;
             let config = config.clone();
             let stats = stats.clone();
             let stop = stop.clone();
@@ -168,7 +171,7 @@ pub async fn run(
                 result
             });
             (
-                BatchOut::Spool(cmd_tx),
+                BatchOut::Spool(cmd_tx, spool_stats.clone(), queue_cap),
                 Delivery::Mqtt { publisher, thread },
             )
         }
@@ -188,7 +191,7 @@ pub async fn run(
         (Timing::Data, _) => (LiveClock::start(0), None),
         (Timing::Live, crate::clock::Verdict::Trusted) => {
             let offset = crate::clock::wall_now_us() - crate::clock::boot_now_us();
-            if let BatchOut::Spool(tx) = &out {
+            if let BatchOut::Spool(tx, ..) = &out {
                 // Readings an earlier run of this boot stamped on the boot clock can go.
                 let _ = tx.send(Cmd::BootOffset {
                     boot_id,
@@ -217,7 +220,7 @@ pub async fn run(
     let timebase = timebase.map(|tb| {
         let (tx, rx) = tokio::sync::watch::channel(tb);
         let spool_tx = match &out {
-            BatchOut::Spool(t) => Some(t.clone()),
+            BatchOut::Spool(t, ..) => Some(t.clone()),
             BatchOut::Stdout(_) => None,
         };
         let every = config.clock.check_interval.0;
@@ -315,7 +318,7 @@ pub async fn run(
         let batcher = Batcher::new(Limits::from_config(&config.batch), period, 0);
         let stats = stats.clone();
         tokio::spawn(batch_readings(
-            reading_rx, out, encoder, batcher, timebase, stats,
+            reading_rx, out, encoder, batcher, timebase, timing, stats,
         ))
     };
     let publishing = matches!(delivery, Delivery::Mqtt { .. });
@@ -588,6 +591,7 @@ async fn batch_readings(
     encoder: RecordEncoder,
     mut batcher: Batcher,
     mut timebase: Option<tokio::sync::watch::Receiver<TimeBase>>,
+    timing: Timing,
     stats: Arc<Stats>,
 ) {
     let mut record = Vec::with_capacity(512);
@@ -604,7 +608,7 @@ async fn batch_readings(
             let now = *tb.borrow_and_update();
             // A batch is on one clock: close the open one at the switch.
             if let Some(b) = batcher.flush()
-                && !emit(&out, b, &stats).await
+                && !emit(&out, b, timing, &stats).await
             {
                 return;
             }
@@ -616,15 +620,15 @@ async fn batch_readings(
         encoder.encode(&reading, &mut record);
         batcher.push(&record, reading.at, &mut closed);
         for b in closed.drain(..) {
-            if !emit(&out, b, &stats).await {
+            if !emit(&out, b, timing, &stats).await {
                 return;
             }
         }
     }
     if let Some(b) = batcher.flush() {
-        emit(&out, b, &stats).await;
+        emit(&out, b, timing, &stats).await;
     }
-    if let BatchOut::Spool(tx) = &out {
+    if let BatchOut::Spool(tx, ..) = &out {
         let _ = tx.send(Cmd::UpstreamDone);
     }
     if batcher.oversize > 0 {
@@ -635,13 +639,39 @@ async fn batch_readings(
     }
 }
 
-/// Hands a batch on: to the spool (never blocks: sampling must not wait for a disk), or to
-/// stdout (waits: printing is the whole point).
-async fn emit(out: &BatchOut, b: Batch, stats: &Stats) -> bool {
+/// Hands a batch on: to the spool (never blocks: sampling must not wait for a disk; if the
+/// spool thread is stuck in a hung disk, the batch is dropped and counted once its queue
+/// is full), or to stdout (waits: printing is the whole point).
+async fn emit(out: &BatchOut, b: Batch, timing: Timing, stats: &Stats) -> bool {
     Stats::add(&stats.batches, 1);
     match out {
         BatchOut::Stdout(tx) => tx.send(b).await.is_ok(),
-        BatchOut::Spool(tx) => tx.send(Cmd::Append(b)).is_ok(),
+        BatchOut::Spool(tx, spool, cap) => {
+            let queued = || {
+                spool
+                    .queued_appends
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            };
+            // Simulation and replay run on their own clock: they wait instead.
+            while timing == Timing::Data && queued() >= *cap {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let queued = queued();
+            if queued >= *cap {
+                if Stats::get(&stats.batches_dropped) == 0 {
+                    tracing::error!(
+                        "the spool thread has taken no batch for {queued} batches (a hung disk?): dropping new readings"
+                    );
+                }
+                Stats::add(&stats.batches_dropped, 1);
+                Stats::add(&stats.readings_dropped, b.len() as u64);
+                return true;
+            }
+            spool
+                .queued_appends
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tx.send(Cmd::Append(b)).is_ok()
+        }
     }
 }
 

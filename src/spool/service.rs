@@ -85,6 +85,8 @@ pub struct SpoolStats {
     pub oldest_unacked_ms: AtomicU64,
     /// Batches kept back until the clock they were stamped on can be converted.
     pub held_batches: AtomicU64,
+    /// Batches sent to the spool thread and not yet taken (grows only if the disk hangs).
+    pub queued_appends: AtomicU64,
 }
 
 impl SpoolStats {
@@ -211,7 +213,10 @@ impl Service {
                 wait
             };
             match cmds.recv_timeout(wait) {
-                Ok(Cmd::Append(b)) => self.append(b),
+                Ok(Cmd::Append(b)) => {
+                    self.spool_stats.queued_appends.fetch_sub(1, Relaxed);
+                    self.append(b)
+                }
                 Ok(Cmd::Ack(seq)) => {
                     self.forget(seq);
                     if let Err(e) = self.log.ack(seq) {
