@@ -331,23 +331,16 @@ pub async fn run(
                 Ok(f) => f,
                 Err(e) => break e,
             };
+            let data: Option<(u32, bool, &[u8])> = match &frame {
+                CanAnyFrame::Normal(f) => Some((f.raw_id(), f.is_extended(), f.data())),
+                CanAnyFrame::Fd(f) => Some((f.raw_id(), f.is_extended(), f.data())),
+                _ => None,
+            };
+            if let Some((id, extended, payload)) = data {
+                decoding.decode(id, extended, payload, at, &stats, &mut events);
+            }
             match &frame {
-                CanAnyFrame::Normal(f) => decoding.decode(
-                    f.raw_id(),
-                    f.is_extended(),
-                    f.data(),
-                    at,
-                    &stats,
-                    &mut events,
-                ),
-                CanAnyFrame::Fd(f) => decoding.decode(
-                    f.raw_id(),
-                    f.is_extended(),
-                    f.data(),
-                    at,
-                    &stats,
-                    &mut events,
-                ),
+                CanAnyFrame::Normal(_) | CanAnyFrame::Fd(_) => {}
                 CanAnyFrame::Remote(_) => stats.source_error("remote_frame"),
                 CanAnyFrame::Error(e) => {
                     stats.source_error("error_frame");

@@ -226,15 +226,9 @@ pub fn main() -> ExitCode {
             stdout,
             speed,
         } => {
-            let (cfg, path) = match &config {
-                Some(p) => match Config::load(p) {
-                    Ok(c) => (c, p.clone()),
-                    Err(e) => return config_failure(&e),
-                },
-                None => (
-                    Config::bench_default(),
-                    PathBuf::from("(built-in defaults)"),
-                ),
+            let (cfg, path) = match load_or_bench(config.as_deref()) {
+                Ok(loaded) => loaded,
+                Err(code) => return code,
             };
             let sink = if stdout || cfg.mqtt.is_none() {
                 Sink::Stdout
@@ -273,15 +267,9 @@ pub fn main() -> ExitCode {
             execute(cfg, &config, Timing::Live, sink, sim, false)
         }
         Command::Simulate(args) => {
-            let (cfg, path) = match &args.config {
-                Some(p) => match Config::load(p) {
-                    Ok(c) => (c, p.clone()),
-                    Err(e) => return config_failure(&e),
-                },
-                None => (
-                    Config::bench_default(),
-                    PathBuf::from("(built-in defaults)"),
-                ),
+            let (cfg, path) = match load_or_bench(args.config.as_deref()) {
+                Ok(loaded) => loaded,
+                Err(code) => return code,
             };
             if let Some(path) = &args.serial {
                 return emit_serial(cfg, path, &args);
@@ -362,6 +350,19 @@ fn emit_can(cfg: Config, iface: &str, args: &SimulateArgs) -> ExitCode {
             eprintln!("redline-agent: cannot send on CAN interface {iface}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The named config, or the built-in bench defaults (simulate and replay without --config).
+fn load_or_bench(path: Option<&Path>) -> Result<(Config, PathBuf), ExitCode> {
+    match path {
+        Some(p) => Config::load(p)
+            .map(|c| (c, p.to_path_buf()))
+            .map_err(|e| config_failure(&e)),
+        None => Ok((
+            Config::bench_default(),
+            PathBuf::from("(built-in defaults)"),
+        )),
     }
 }
 

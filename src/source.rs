@@ -37,6 +37,44 @@ pub struct SimSettings {
     pub speed: Speed,
 }
 
+/// The simulated car's clock against the wall clock: where it ends, and how fast it runs.
+struct Pacer {
+    start: Micros,
+    end: Option<Micros>,
+    speed: Speed,
+    wall_start: Instant,
+    steps: u64,
+}
+
+impl Pacer {
+    fn new(settings: &SimSettings) -> Self {
+        Self {
+            start: settings.start,
+            end: settings
+                .duration
+                .map(|d| settings.start + d.as_micros() as Micros),
+            speed: settings.speed,
+            wall_start: Instant::now(),
+            steps: 0,
+        }
+    }
+
+    /// After one step that reached simulated time `now`: sleeps until the wall clock has
+    /// caught up (every `every` steps: quiet enough, smooth enough).
+    async fn pace(&mut self, now: Micros, every: u64, stop: &CancellationToken) {
+        self.steps += 1;
+        if let Speed::Factor(x) = self.speed
+            && self.steps.is_multiple_of(every)
+        {
+            let sim_elapsed = Duration::from_micros((now - self.start).max(0) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.wall_start + sim_elapsed.div_f64(x)) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+    }
+}
+
 /// Which configured field each simulated sensor feeds (sensors with no field are ignored).
 fn field_map(config: &Config) -> Vec<(Sensor, FieldId)> {
     Sensor::ALL
@@ -62,15 +100,12 @@ pub async fn simulator(
     let mut decoded = Vec::new();
     let mut frames = Vec::new();
     let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
-    let end = settings
-        .duration
-        .map(|d| settings.start + d.as_micros() as Micros);
-    let wall_start = Instant::now();
+    let mut pacer = Pacer::new(&settings);
+    let end = pacer.end;
     let mut updates = Vec::new();
     if tx.send(SourceEvent::Clock(settings.start)).await.is_err() {
         return;
     }
-    let mut steps: u64 = 0;
     loop {
         if stop.is_cancelled() {
             let _ = tx.send(SourceEvent::Clock(sim.now())).await;
@@ -110,18 +145,7 @@ pub async fn simulator(
             let _ = tx.send(SourceEvent::Clock(e)).await;
             return;
         }
-        steps += 1;
-        // Pace every 50 ms of simulated time: quiet enough, smooth enough.
-        if let Speed::Factor(x) = settings.speed
-            && steps.is_multiple_of(5)
-        {
-            let sim_elapsed = Duration::from_micros((now - settings.start).max(0) as u64);
-            let target = wall_start + sim_elapsed.div_f64(x);
-            tokio::select! {
-                _ = tokio::time::sleep_until(target) => {}
-                _ = stop.cancelled() => {}
-            }
-        }
+        pacer.pace(now, 5, &stop).await;
     }
 }
 
@@ -139,16 +163,14 @@ pub async fn emit_lines(
     let mut port = crate::serial::builder(config).open_native_async()?;
     let map = field_map(config);
     let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
-    let end = settings
-        .duration
-        .map(|d| settings.start + d.as_micros() as Micros);
+    let mut pacer = Pacer::new(&settings);
+    let end = pacer.end;
     let every = 1_000_000 / i64::from(line_rate);
     let mut next_line = settings.start;
     let mut latest: Vec<Option<f64>> = vec![None; config.fields.len()];
     let mut updates = Vec::new();
     let mut line = Vec::with_capacity(256);
     let mut values = Vec::with_capacity(latest.len());
-    let wall_start = Instant::now();
     let mut written = 0u64;
     while !stop.is_cancelled() {
         updates.clear();
@@ -177,13 +199,7 @@ pub async fn emit_lines(
         line.extend_from_slice(b"\r\n");
         port.write_all(&line).await?;
         written += 1;
-        if let Speed::Factor(x) = settings.speed {
-            let sim_elapsed = Duration::from_micros((now - settings.start).max(0) as u64);
-            tokio::select! {
-                _ = tokio::time::sleep_until(wall_start + sim_elapsed.div_f64(x)) => {}
-                _ = stop.cancelled() => {}
-            }
-        }
+        pacer.pace(now, 1, &stop).await;
     }
     port.flush().await?;
     Ok(written)
@@ -203,14 +219,11 @@ pub async fn emit_can(
     let mut encoder = crate::can::FrameEncoder::new(config, &decoding);
     let socket = socketcan::tokio::CanFdSocket::open(iface)?;
     let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
-    let end = settings
-        .duration
-        .map(|d| settings.start + d.as_micros() as Micros);
-    let wall_start = Instant::now();
+    let mut pacer = Pacer::new(&settings);
+    let end = pacer.end;
     let mut updates = Vec::new();
     let mut frames = Vec::new();
     let mut sent = 0u64;
-    let mut steps = 0u64;
     while !stop.is_cancelled() {
         updates.clear();
         let now = sim.step(&mut updates);
@@ -243,16 +256,7 @@ pub async fn emit_can(
             result?;
             sent += 1;
         }
-        steps += 1;
-        if let Speed::Factor(x) = settings.speed
-            && steps.is_multiple_of(5)
-        {
-            let sim_elapsed = Duration::from_micros((now - settings.start).max(0) as u64);
-            tokio::select! {
-                _ = tokio::time::sleep_until(wall_start + sim_elapsed.div_f64(x)) => {}
-                _ = stop.cancelled() => {}
-            }
-        }
+        pacer.pace(now, 5, &stop).await;
     }
     Ok(sent)
 }
