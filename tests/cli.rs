@@ -520,3 +520,39 @@ fn the_key_comes_from_systemd_credentials_when_present() {
     let out = run_agent(&["check-config", "--config", path_str(&path)], QUICK);
     assert_exit(&out, 2, "without the credentials the named key is missing");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let out = run_agent(
+        &[
+            "--log-format",
+            "json",
+            "simulate",
+            "--stdout",
+            "--duration",
+            "1s",
+            "--speed",
+            "max",
+        ],
+        QUICK,
+    );
+    assert_exit(&out, 0, "simulate with JSON logs");
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{l}"
+        );
+    }
+    assert!(
+        !out.stderr.contains("\u{1b}["),
+        "no colour when stderr is not a terminal"
+    );
+}
