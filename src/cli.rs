@@ -181,6 +181,19 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
+/// Runs `work` on the agent's runtime until it ends or SIGTERM/SIGINT cancel its token.
+/// `None`: the runtime could not start (already reported).
+fn until_signal<F: std::future::Future>(
+    work: impl FnOnce(CancellationToken) -> F,
+) -> Option<F::Output> {
+    let runtime = runtime()?;
+    Some(runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(watch_signals(stop.clone()));
+        work(stop).await
+    }))
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum SerialFormat {
     Kv,
@@ -309,15 +322,13 @@ fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let Some(runtime) = runtime() else {
+    let sim = args.settings(&cfg);
+    let rate = args.line_rate.max(1);
+    let Some(result) =
+        until_signal(|stop| crate::source::emit_lines(&cfg, parser, sim, rate, stop))
+    else {
         return ExitCode::FAILURE;
     };
-    let sim = args.settings(&cfg);
-    let result = runtime.block_on(async {
-        let stop = CancellationToken::new();
-        tokio::spawn(watch_signals(stop.clone()));
-        crate::source::emit_lines(&cfg, parser, sim, args.line_rate.max(1), stop).await
-    });
     match result {
         Ok(lines) => {
             tracing::info!("wrote {lines} line(s) to {}", path.display());
@@ -332,15 +343,10 @@ fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
 
 /// `simulate --can`: the simulated car's frames on a real CAN interface.
 fn emit_can(cfg: Config, iface: &str, args: &SimulateArgs) -> ExitCode {
-    let Some(runtime) = runtime() else {
+    let sim = args.settings(&cfg);
+    let Some(result) = until_signal(|stop| crate::source::emit_can(&cfg, iface, sim, stop)) else {
         return ExitCode::FAILURE;
     };
-    let sim = args.settings(&cfg);
-    let result = runtime.block_on(async {
-        let stop = CancellationToken::new();
-        tokio::spawn(watch_signals(stop.clone()));
-        crate::source::emit_can(&cfg, iface, sim, stop).await
-    });
     match result {
         Ok(frames) => {
             tracing::info!("sent {frames} frame(s) on {iface}");

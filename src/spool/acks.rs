@@ -83,16 +83,7 @@ fn parse(bytes: &[u8], state: &mut AckState) {
 impl AckFile {
     pub fn open(dir: &Path) -> io::Result<(AckFile, AckState)> {
         let path = dir.join("acks");
-        let mut state = AckState::default();
-        let mut bytes = Vec::new();
-        match File::open(&path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut bytes)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        parse(&bytes, &mut state);
+        let state = read_state(dir)?;
         let file = write_fresh(&path, state.base, &state.above)?;
         let entries = 0;
         Ok((
