@@ -83,6 +83,12 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
             "connected": g(&stats.connected) == 1,
             "last_puback_at": if last_ack == 0 { Value::Null } else { rfc3339(last_ack as i64) },
             "reconnects": g(&stats.reconnects),
+            "rate_bytes_per_s": g(&stats.link_rate_bps),
+            "rtt_ms": g(&stats.link_rtt_ms),
+            "queued_bytes": g(&stats.link_queued_bytes),
+            "inflight_messages": g(&stats.inflight),
+            "window_bytes": g(&stats.link_window_bytes),
+            "message_bytes": g(&stats.link_message_bytes),
             "last_error": stats.last_error().map(|(class, detail, at)| json!({
                 "class": class, "detail": detail, "at": rfc3339(at)
             })),
@@ -104,6 +110,7 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
             "pubacks": g(&stats.pubacks),
             "readings_acknowledged": g(&stats.readings_acked),
             "republished": g(&stats.republished),
+            "resent_bytes": g(&stats.bytes_resent),
         }),
     );
     if let Some(s) = spool {
@@ -179,6 +186,15 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
         },
         s("/link/last_puback_at"),
         n("/link/reconnects")
+    ));
+    out.push_str(&format!(
+        "          measured {} B/s, round trip {} ms · {} byte(s) in flight ({} message(s)), window {} · backlog messages of {} bytes\n",
+        n("/link/rate_bytes_per_s"),
+        n("/link/rtt_ms"),
+        n("/link/queued_bytes"),
+        n("/link/inflight_messages"),
+        n("/link/window_bytes"),
+        n("/link/message_bytes")
     ));
     if let Some(e) = v.pointer("/link/last_error").filter(|e| !e.is_null()) {
         out.push_str(&format!(

@@ -1,7 +1,7 @@
 //! redline-agent: race-car telemetry from the ECU to AWS IoT Core.
 //!
-//! Data flows one way: `source` → `sampler` → `batch` → `publisher`; acknowledgements flow
-//! back once, through `delivery`.
+//! Data flows one way: `source` → `sampler` → `batch` → `spool` → `uplink`;
+//! acknowledgements flow back once, from the uplink's scheduler to the spool.
 
 pub mod batch;
 pub mod can;
@@ -10,15 +10,12 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dbc;
-pub mod delivery;
 pub mod health;
 pub mod line_framer;
 pub mod line_protocol;
-pub mod link_error;
 pub mod logging;
 pub mod notify;
 pub mod pipeline;
-pub mod publisher;
 pub mod record;
 pub mod reopen;
 pub mod replay;
@@ -31,3 +28,6 @@ pub mod spool;
 pub mod stats;
 pub mod tls;
 pub mod units;
+pub mod uplink;
+
+pub use uplink::{link_error, publisher};

@@ -49,6 +49,15 @@ pub struct Stats {
     pub republished: AtomicU64,
     pub reconnects: AtomicU64,
     pub inflight: AtomicU64,
+    /// The link as measured from PUBACK timing (see `uplink::link_model`).
+    pub link_rate_bps: AtomicU64,
+    pub link_rtt_ms: AtomicU64,
+    /// Bytes handed over and not yet acknowledged: what a new message queues behind.
+    pub link_queued_bytes: AtomicU64,
+    pub link_window_bytes: AtomicU64,
+    pub link_message_bytes: AtomicU64,
+    /// Payload bytes of batches sent again after a disconnect.
+    pub bytes_resent: AtomicU64,
     /// 1 while the MQTT connection is up.
     pub connected: AtomicU64,
     /// Epoch milliseconds of the last PUBACK (0: none yet).
@@ -127,7 +136,8 @@ impl Stats {
         let g = Self::get;
         let mut s = format!(
             "readings={} ticks_missed={} batches={} published={} bytes={} pubacks={} \
-             acked_readings={} republished={} reconnects={} inflight={} dropped_readings={}",
+             acked_readings={} republished={} resent_bytes={} reconnects={} inflight={} \
+             link_rate_bps={} link_rtt_ms={} dropped_readings={}",
             g(&self.readings),
             g(&self.ticks_missed),
             g(&self.batches),
@@ -136,8 +146,11 @@ impl Stats {
             g(&self.pubacks),
             g(&self.readings_acked),
             g(&self.republished),
+            g(&self.bytes_resent),
             g(&self.reconnects),
             g(&self.inflight),
+            g(&self.link_rate_bps),
+            g(&self.link_rtt_ms),
             g(&self.readings_dropped),
         );
         let mut nulls = String::new();

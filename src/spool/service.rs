@@ -1,6 +1,7 @@
 //! The spool's own thread: appends every batch before it is offered for publishing, hands
-//! new batches out live, reads the backlog oldest first and coalesces it into large
-//! messages, records acknowledgements, and syncs on the interval.
+//! new batches out live, reads the backlog oldest first in parcels of up to one message's
+//! worth (the publisher sizes the messages for the link), records acknowledgements, and
+//! syncs on the interval.
 //!
 //! A thread, not a task: `fsync` on an SD card can take a long time, and the sampler must
 //! never wait for it. When the disk cannot be written (full, read-only, I/O errors), new
@@ -9,7 +10,7 @@
 
 use super::boots::Boots;
 use super::log::{Dropped, Losses, Options, SpoolLog, Summary};
-use crate::batch::{self, Batch, Message, RECORDS_ENVELOPE};
+use crate::batch::{Batch, RECORDS_ENVELOPE};
 use crate::config::{Order, PayloadMode};
 use crate::stats::Stats;
 use std::collections::VecDeque;
@@ -37,21 +38,16 @@ pub enum Cmd {
     },
 }
 
-/// Messages and the batches they carry, as handed to the publisher.
+/// Batches handed to the publisher, oldest first, timestamps in UTC.
 #[derive(Debug, Clone)]
 pub struct Parcel {
-    /// (seq, records) of every batch the messages carry.
-    pub batches: Vec<(u64, usize)>,
-    pub messages: Vec<Message>,
+    pub batches: Vec<Batch>,
 }
 
 impl Parcel {
-    pub fn of_batch(b: &Batch, mode: PayloadMode) -> Parcel {
-        let mut messages = Vec::new();
-        batch::messages_for(b, mode, &mut messages);
+    pub fn of_batch(b: &Batch) -> Parcel {
         Parcel {
-            batches: vec![(b.seq, b.len())],
-            messages,
+            batches: vec![b.clone()],
         }
     }
 }
@@ -355,10 +351,7 @@ impl Service {
             return;
         }
         let seq = b.seq;
-        if tx
-            .try_send(Parcel::of_batch(&b, self.settings.mode))
-            .is_ok()
-        {
+        if tx.try_send(Parcel::of_batch(&b)).is_ok() {
             self.log.handed_live(seq);
         }
     }
@@ -366,18 +359,15 @@ impl Service {
     fn flush_memory(&mut self) {
         let Some(tx) = &self.live_tx else { return };
         while let Some(b) = self.memory.front() {
-            if tx
-                .try_send(Parcel::of_batch(b, self.settings.mode))
-                .is_err()
-            {
+            if tx.try_send(Parcel::of_batch(b)).is_err() {
                 break;
             }
             self.memory.pop_front();
         }
     }
 
-    /// Builds the next backlog parcel: stored batches coalesced into one message of at
-    /// most 500 records and `max_payload` bytes (one message per record in `single` mode).
+    /// Builds the next backlog parcel: stored batches of at most 500 records and
+    /// `max_payload` bytes in all (the most one message may carry).
     fn fill_backlog(&mut self) {
         self.flush_memory();
         loop {
@@ -420,7 +410,7 @@ impl Service {
                 }
                 let fits = records + b.len() <= crate::config::MAX_RECORDS_PER_MESSAGE
                     && bytes + b.body.len() < self.settings.max_payload;
-                if !batches.is_empty() && (!fits || self.settings.mode == PayloadMode::Single) {
+                if !batches.is_empty() && !fits {
                     self.carry = Some(b);
                     break;
                 }
@@ -431,7 +421,7 @@ impl Service {
             if batches.is_empty() {
                 return;
             }
-            self.pending = Some(coalesce(&batches, self.settings.mode));
+            self.pending = Some(Parcel { batches });
         }
     }
 
@@ -493,39 +483,6 @@ impl Service {
         s.cap_dropped_readings.store(cap_readings, Relaxed);
         s.corrupt_bytes.store(corrupt_bytes, Relaxed);
         s.corrupt_cuts.store(corrupt_cuts, Relaxed);
-    }
-}
-
-fn coalesce(batches: &[Batch], mode: PayloadMode) -> Parcel {
-    let mut messages = Vec::new();
-    match mode {
-        PayloadMode::Single => {
-            for b in batches {
-                batch::messages_for(b, mode, &mut messages);
-            }
-        }
-        PayloadMode::Records => {
-            let len: usize = batches.iter().map(|b| b.body.len() + 1).sum();
-            let mut p = Vec::with_capacity(len + RECORDS_ENVELOPE);
-            p.extend_from_slice(b"{\"records\":[");
-            for (i, b) in batches.iter().enumerate() {
-                if i > 0 {
-                    p.push(b',');
-                }
-                p.extend_from_slice(&b.body);
-            }
-            p.extend_from_slice(b"]}");
-            messages.push(Message {
-                payload: p.into(),
-                records: batches.iter().map(Batch::len).sum(),
-                batches: batches.iter().map(|b| b.seq).collect(),
-                control: None,
-            });
-        }
-    }
-    Parcel {
-        batches: batches.iter().map(|b| (b.seq, b.len())).collect(),
-        messages,
     }
 }
 

@@ -1,0 +1,404 @@
+//! The MQTT stage: wires the scheduler (what goes next) to the connection task (which moves
+//! the bytes), applies AWS's rate limits, keeps the status messages coming, and reports
+//! every acknowledged batch back to the spool.
+//!
+//! After a connection error the connection task waits for this task to stop handing over
+//! publishes before it clears rumqttc's leftovers and reconnects, so packet ids always
+//! match the right message.
+
+use super::connection::{self, Backoff, LinkEvent};
+use super::link_error::{Class, LinkError};
+use super::rate_limit::RateLimits;
+use super::scheduler::{ControlMsg, Figures, Lane, Scheduler};
+use crate::batch::Control;
+use crate::config::Config;
+use crate::spool::{Cmd, Parcel};
+use crate::stats::Stats;
+use rumqttc::{AsyncClient, QoS};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use super::connection::connect_options;
+
+pub struct PublisherSettings {
+    pub topic: String,
+    pub window: usize,
+    pub shutdown_timeout: Duration,
+    pub endpoint: String,
+    /// Status messages (online at connect, last will, periodic counters), if enabled.
+    pub status: Option<StatusSettings>,
+}
+
+pub struct StatusSettings {
+    pub topic: String,
+    pub interval: Duration,
+    pub meta: crate::health::Meta,
+}
+
+/// Where the publisher gets its work and sends acknowledgements.
+pub struct Inputs {
+    /// New batches, as they are made.
+    pub live: mpsc::Receiver<Parcel>,
+    /// The stored backlog, oldest first.
+    pub backlog: mpsc::Receiver<Parcel>,
+    /// Acknowledgements (and wake-ups) back to the spool.
+    pub spool: std::sync::mpsc::Sender<Cmd>,
+    /// Cancelled when no new data will come (the source ended).
+    pub upstream_done: CancellationToken,
+    /// The spool's counters, for the status messages.
+    pub spool_stats: Arc<crate::spool::SpoolStats>,
+}
+
+/// Live batches the publisher holds before it leaves them to the spool's backlog.
+const LIVE_HELD: usize = 8;
+
+/// The status topic's two kinds of message: periodic (not retained) and online/offline
+/// (retained).
+struct StatusTopics {
+    settings: StatusSettings,
+    periodic: Arc<Control>,
+    retained: Arc<Control>,
+}
+
+impl StatusTopics {
+    fn new(settings: StatusSettings) -> Self {
+        let to = |retain| {
+            Arc::new(Control {
+                topic: settings.topic.clone(),
+                retain,
+            })
+        };
+        Self {
+            periodic: to(false),
+            retained: to(true),
+            settings,
+        }
+    }
+
+    fn online(&self) -> ControlMsg {
+        ControlMsg {
+            payload: crate::health::online(&self.settings.meta).into(),
+            to: self.retained.clone(),
+        }
+    }
+
+    fn snapshot(&self, stats: &Stats, spool: &crate::spool::SpoolStats) -> ControlMsg {
+        let snap = crate::health::snapshot(&self.settings.meta, stats, Some(spool));
+        ControlMsg {
+            payload: snap.to_string().into_bytes().into(),
+            to: self.periodic.clone(),
+        }
+    }
+}
+
+/// Publishes everything the spool hands over and reports each acknowledged batch back.
+/// Ends when the input is closed and everything is acknowledged; when `stop` fires, after
+/// at most `shutdown_timeout`; after the source ended, once no PUBACK has come for
+/// `shutdown_timeout`.
+pub async fn run(
+    config: &Config,
+    settings: PublisherSettings,
+    inputs: Inputs,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) -> Result<(), (String, String)> {
+    let Inputs {
+        mut live,
+        mut backlog,
+        spool,
+        upstream_done,
+        spool_stats,
+    } = inputs;
+    let m = config
+        .mqtt
+        .as_ref()
+        .ok_or_else(|| ("mqtt".to_string(), "missing".to_string()))?;
+    let status = settings.status.map(StatusTopics::new);
+    let will = status.as_ref().map(|st| {
+        (
+            st.settings.topic.as_str(),
+            crate::health::offline(&st.settings.meta, "connection lost"),
+        )
+    });
+    let (client, eventloop) = connect_options(config, will)?;
+    let mut status_tick = tokio::time::interval(
+        status
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |st| st.settings.interval),
+    );
+    status_tick.tick().await;
+    let mut limits = RateLimits::new(
+        config.delivery.max_publish_per_sec,
+        config.delivery.max_bytes_per_sec.0,
+    );
+    let mut sched = Scheduler::new(super::scheduler::Settings {
+        mode: config.batch.payload,
+        max_payload: config.batch.max_bytes.0 as usize,
+        max_inflight: settings.window,
+        // Fixed header, topic length, packet id; TLS adds its record header per flush.
+        overhead: settings.topic.len() + 9,
+        ack_timeout: m.ack_timeout.0,
+    });
+
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    let (resume_tx, resume_rx) = mpsc::channel(1);
+    let (kick_tx, kick_rx) = mpsc::channel(1);
+    let network_up = Arc::new(Notify::new());
+    super::netwatch::start(network_up.clone());
+    let link_stop = CancellationToken::new();
+    let link = tokio::spawn(connection::run(
+        eventloop,
+        link_tx,
+        connection::Control {
+            resume: resume_rx,
+            kick: kick_rx,
+            network_up,
+            connect_timeout: m.connect_timeout.0,
+            stop: link_stop.clone(),
+        },
+        Backoff {
+            min: m.reconnect_min.0,
+            max: m.reconnect_max.0,
+            attempt: 0,
+        },
+    ));
+
+    let mut kicked = false;
+    let mut connected = false;
+    let mut ever_connected = false;
+    let mut outage: Option<(Instant, Class, u32)> = None;
+    let (mut live_done, mut backlog_done) = (false, false);
+    let mut hard_deadline: Option<Instant> = None;
+    let mut last_progress = Instant::now();
+    let mut rate_wait: Option<Instant> = None;
+    let mut completed = Vec::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(250));
+
+    loop {
+        Stats::add(&stats.publisher_beats, 1);
+        stats.connected.store(u64::from(connected), Relaxed);
+        if connected && rate_wait.is_none_or(|w| w <= Instant::now()) {
+            rate_wait = None;
+            hand_over(&mut sched, &client, &settings.topic, &mut limits);
+            if let Some(w) = limits.wait.take() {
+                rate_wait = Some(Instant::now() + w);
+            }
+        }
+        publish_figures(&stats, &sched);
+        if live_done && backlog_done && sched.is_idle() {
+            break;
+        }
+        if hard_deadline.is_none() && stop.is_cancelled() {
+            hard_deadline = Some(Instant::now() + settings.shutdown_timeout);
+        }
+        let deadline = match (hard_deadline, upstream_done.is_cancelled()) {
+            (Some(d), _) => Some(d),
+            (None, true) => Some(last_progress + settings.shutdown_timeout),
+            (None, false) => None,
+        };
+        let open = hard_deadline.is_none();
+        let want_live = open && sched.live_queued() < LIVE_HELD;
+        let want_backlog = open && sched.wants_backlog();
+        tokio::select! {
+            biased;
+            ev = link_rx.recv() => match ev {
+                Some(LinkEvent::Connected) => {
+                    connected = true;
+                    sched.on_connect(Instant::now().into_std());
+                    if ever_connected {
+                        Stats::add(&stats.reconnects, 1);
+                    }
+                    match outage.take() {
+                        Some((since, _, attempts)) => tracing::info!(
+                            "connected to {} after {:.1}s and {attempts} failed attempt(s); {} message(s) waiting",
+                            settings.endpoint, since.elapsed().as_secs_f64(), sched.queued()
+                        ),
+                        None => tracing::info!("connected to {}", settings.endpoint),
+                    }
+                    ever_connected = true;
+                    if let Some(st) = &status {
+                        sched.push_urgent(st.online());
+                    }
+                }
+                Some(LinkEvent::Sent(pkid)) => match sched.on_sent(pkid) {
+                    Some(len) => {
+                        Stats::add(&stats.messages_published, 1);
+                        Stats::add(&stats.bytes_published, len as u64);
+                    }
+                    None => tracing::warn!("publish with packet id {pkid} matches no message"),
+                },
+                Some(LinkEvent::PubAck(pkid)) => {
+                    Stats::add(&stats.pubacks, 1);
+                    stats.last_ack_ms.store(
+                        (crate::clock::wall_now_us() / 1000).max(0) as u64,
+                        Relaxed,
+                    );
+                    last_progress = Instant::now();
+                    if sched.on_puback(Instant::now().into_std(), pkid, &mut completed) {
+                        for a in completed.drain(..) {
+                            Stats::add(&stats.batches_acked, 1);
+                            Stats::add(&stats.readings_acked, a.records as u64);
+                            let _ = spool.send(Cmd::Ack(a.seq));
+                        }
+                    }
+                }
+                Some(LinkEvent::Disconnected(err)) => {
+                    kicked = false;
+                    stats.set_last_error(err.class.name(), err.to_string());
+                    let requeued = sched.on_disconnect();
+                    Stats::add(&stats.republished, requeued as u64);
+                    report_failure(&mut outage, &err, &settings.endpoint, connected.then_some(requeued));
+                    connected = false;
+                    let _ = resume_tx.send(()).await;
+                }
+                Some(LinkEvent::Closed) | None => break,
+            },
+            p = live.recv(), if want_live && !live_done => match p {
+                Some(p) => p.batches.iter().for_each(|b| sched.push_live(b)),
+                None => live_done = true,
+            },
+            p = backlog.recv(), if want_backlog && !backlog_done => match p {
+                Some(p) => {
+                    p.batches.iter().for_each(|b| sched.push_backlog(b));
+                    let _ = spool.send(Cmd::Wake);
+                }
+                None => backlog_done = true,
+            },
+            _ = sleep_until_opt(rate_wait), if rate_wait.is_some() && connected => {}
+            _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                if !(sched.is_idle() && live_done && backlog_done) {
+                    tracing::warn!(
+                        "stopping with {} batch(es) ({} readings) in flight not acknowledged; the spool keeps them",
+                        sched.open_batches(), sched.open_records()
+                    );
+                }
+                break;
+            }
+            _ = stop.cancelled(), if hard_deadline.is_none() => {}
+            _ = heartbeat.tick() => {
+                if connected && !kicked && let Some(why) = sched.overdue(Instant::now().into_std()) {
+                    let why = match why {
+                        super::scheduler::Overdue::Stalled(d) => format!(
+                            "nothing acknowledged for {:.0}s (the broker or the link is dead)", d.as_secs_f64()),
+                        super::scheduler::Overdue::Lost(d) => format!(
+                            "no PUBACK for {:.0}s while later messages were acknowledged (the broker throttles silently)",
+                            d.as_secs_f64()),
+                    };
+                    kicked = kick_tx.try_send(why).is_ok();
+                }
+            }
+            _ = status_tick.tick(), if status.is_some() => {
+                if let Some(st) = &status {
+                    sched.set_status(st.snapshot(&stats, &spool_stats));
+                }
+            }
+            _ = upstream_done.cancelled(), if !upstream_done.is_cancelled() => {
+                last_progress = Instant::now();
+            }
+        }
+    }
+
+    // Say goodbye properly: a retained offline message, then DISCONNECT, so the broker does
+    // not fire the last will.
+    if connected && let Some(st) = &status {
+        let bye = crate::health::offline(&st.settings.meta, "stopped");
+        let _ = client.try_publish(st.settings.topic.clone(), QoS::AtLeastOnce, true, bye);
+    }
+    if connected && client.try_disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(ev) = link_rx.recv().await {
+                if matches!(ev, LinkEvent::Closed) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    link_stop.cancel();
+    let _ = link.await;
+    Ok(())
+}
+
+/// Hands the client every message the scheduler and the rate limits let go now.
+fn hand_over(sched: &mut Scheduler, client: &AsyncClient, topic: &str, limits: &mut RateLimits) {
+    let now = Instant::now().into_std();
+    while let Some(msg) = sched.next(now, &mut |len| limits.admit(len)) {
+        let (to, retain) = match &msg.control {
+            Some(c) => (c.topic.clone(), c.retain),
+            None => (topic.to_owned(), false),
+        };
+        if msg.lane == Lane::Backlog {
+            tracing::trace!(
+                "backlog message: {} records, {} bytes",
+                msg.records,
+                msg.payload.len()
+            );
+        }
+        if let Err(e) = client.try_publish(to, QoS::AtLeastOnce, retain, msg.payload) {
+            tracing::debug!("MQTT client queue full, retrying later: {e}");
+            sched.unsend_last();
+            break;
+        }
+    }
+}
+
+fn publish_figures(stats: &Stats, sched: &Scheduler) {
+    let Figures {
+        rate_bps,
+        rtt_ms,
+        inflight_bytes,
+        inflight_messages,
+        window_bytes,
+        message_bytes,
+        ..
+    } = sched.figures();
+    stats.inflight.store(inflight_messages, Relaxed);
+    stats.link_rate_bps.store(rate_bps, Relaxed);
+    stats.link_rtt_ms.store(rtt_ms, Relaxed);
+    stats.link_queued_bytes.store(inflight_bytes, Relaxed);
+    stats.link_window_bytes.store(window_bytes, Relaxed);
+    stats.link_message_bytes.store(message_bytes, Relaxed);
+    stats.bytes_resent.store(sched.resent_bytes, Relaxed);
+}
+
+fn report_failure(
+    outage: &mut Option<(Instant, Class, u32)>,
+    err: &LinkError,
+    endpoint: &str,
+    requeued: Option<usize>,
+) {
+    match outage {
+        // Same kind of failure within the same outage: already told.
+        Some((_, class, attempts)) if *class == err.class => {
+            *attempts += 1;
+            tracing::debug!("still cannot reach {endpoint}: {err}");
+        }
+        _ => {
+            let attempts = outage.as_ref().map_or(0, |o| o.2) + 1;
+            let since = outage.as_ref().map_or_else(Instant::now, |o| o.0);
+            match (err.class, requeued) {
+                (Class::Network, Some(n)) => tracing::warn!(
+                    "link to {endpoint} lost ({err}); {n} message(s) in flight will be re-sent; reconnecting with backoff"
+                ),
+                (Class::Network, None) => {
+                    tracing::warn!("cannot reach {endpoint} ({err}); retrying with backoff")
+                }
+                (Class::Tls | Class::Refused, _) => tracing::error!(
+                    "cannot connect to {endpoint}: {err}; retrying with backoff, this will not fix itself"
+                ),
+            }
+            *outage = Some((since, err.class, attempts));
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
