@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod certs;
 pub mod json;
+pub mod link;
 pub mod process;
 pub mod spool;
 
