@@ -55,6 +55,18 @@ dpkg-deb --contents "$deb"
 ctl=$(mktemp -d)
 trap 'rm -rf "$ctl"' EXIT
 dpkg-deb --control "$deb" "$ctl"
+# The packaged binary (it runs on the car) has no test hooks: built without the `test-hooks`
+# feature, it does not even contain their names.
+no_test_hooks() { # binary what
+  local hook n
+  for hook in REDLINE_TEST_CLOCK_FILE REDLINE_TEST_STALL_SAMPLER_AFTER_MS "test hook"; do
+    n=$(grep -c -a -F "$hook" "$1" || true)
+    [ "$n" = 0 ] || die "$2 contains '$hook' ($n line(s)): built with the test-hooks feature"
+  done
+  echo "ok: $2 has no test hooks"
+}
+dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/redline-agent >"$ctl/amd64-bin"
+no_test_hooks "$ctl/amd64-bin" "the binary in $deb"
 for f in agent.toml redline-gt3.dbc; do
   grep -qx "/etc/redline-agent/$f" "$ctl/conffiles" || die "$f is not a conffile"
 done
@@ -155,6 +167,7 @@ if [ -x "$arm_bin" ]; then
   [ "$(dpkg-deb --field "$arm_deb" Architecture)" = arm64 ] || die "$arm_deb is not arm64"
   dpkg-deb --fsys-tarfile "$arm_deb" | tar -xO ./usr/bin/redline-agent >"$ctl/arm-bin"
   file -b "$ctl/arm-bin" | grep -q 'ARM aarch64' || die "binary in $arm_deb is not aarch64"
+  no_test_hooks "$ctl/arm-bin" "the binary in $arm_deb"
   dpkg-deb --info "$arm_deb" | sed -n '/Package:/,$p'
   log "built $arm_deb ($(stat -c %s "$arm_deb") bytes)"
 elif [ "${REDLINE_ARM64_DEB:-0}" = 1 ]; then

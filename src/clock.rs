@@ -8,7 +8,6 @@
 //! once the clock is trusted (see `TimeBase`).
 
 use crate::signal::Micros;
-use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
@@ -98,7 +97,9 @@ pub enum ClockSource {
         require_sync: bool,
     },
     /// Tests: a file saying `trusted` or `untrusted` (the kernel state is not settable).
-    File(PathBuf),
+    /// Only in a build with the `test-hooks` feature, never in the binary on the car.
+    #[cfg(feature = "test-hooks")]
+    File(std::path::PathBuf),
 }
 
 /// The wall clock's verdict, with the reason when untrusted.
@@ -116,6 +117,7 @@ pub fn build_floor_us() -> Micros {
 impl ClockSource {
     pub fn check(&self) -> Verdict {
         match self {
+            #[cfg(feature = "test-hooks")]
             ClockSource::File(path) => match std::fs::read_to_string(path) {
                 Ok(s) if s.trim() == "trusted" => Verdict::Trusted,
                 _ => Verdict::Untrusted("the test clock file says untrusted"),
@@ -123,19 +125,27 @@ impl ClockSource {
             ClockSource::System {
                 floor_us,
                 require_sync,
-            } => {
-                if wall_now_us() < *floor_us {
-                    return Verdict::Untrusted("the wall clock is before the agent was built");
-                }
-                if *require_sync && !kernel_synchronised() {
-                    return Verdict::Untrusted(
-                        "the kernel clock is not synchronised (NTP, PTP or GPS)",
-                    );
-                }
-                Verdict::Trusted
-            }
+            } => judge(wall_now_us(), *floor_us, *require_sync, kernel_synchronised),
         }
     }
+}
+
+/// The verdict on a wall clock that reads `wall_us`: untrusted before `floor_us` (the build
+/// time), and, when `require_sync`, until a time service has synchronised it (`synced` is
+/// asked only then).
+pub fn judge(
+    wall_us: Micros,
+    floor_us: Micros,
+    require_sync: bool,
+    synced: impl FnOnce() -> bool,
+) -> Verdict {
+    if wall_us < floor_us {
+        return Verdict::Untrusted("the wall clock is before the agent was built");
+    }
+    if require_sync && !synced() {
+        return Verdict::Untrusted("the kernel clock is not synchronised (NTP, PTP or GPS)");
+    }
+    Verdict::Trusted
 }
 
 /// Whether a time service has synchronised the clock: the kernel's view (`adjtimex`
@@ -145,10 +155,18 @@ pub fn kernel_synchronised() -> bool {
     // SAFETY: a zeroed timex with modes = 0 only reads the kernel state into it.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::adjtimex(&mut tx) };
+    synchronised(rc, tx.status, || {
+        std::path::Path::new(TIMESYNCD_FLAG).exists()
+    })
+}
+
+/// The decision of `kernel_synchronised`: `rc` and `status` as `adjtimex` returned them
+/// (`rc` < 0: the call was refused), `timesyncd_flag` asked only then.
+pub fn synchronised(rc: i32, status: i32, timesyncd_flag: impl FnOnce() -> bool) -> bool {
     if rc >= 0 {
-        return rc != libc::TIME_ERROR && (tx.status & libc::STA_UNSYNC) == 0;
+        return rc != libc::TIME_ERROR && (status & libc::STA_UNSYNC) == 0;
     }
-    std::path::Path::new(TIMESYNCD_FLAG).exists()
+    timesyncd_flag()
 }
 
 /// Created by systemd-timesyncd once it has synchronised the clock (in /run: gone at boot).
@@ -172,6 +190,61 @@ mod tests {
         assert_eq!(round_to(1_050_000, 100_000), 1_100_000);
         assert_eq!(round_to(-49_999, 100_000), 0);
         assert_eq!(round_to(-150_000, 100_000), -100_000);
+    }
+
+    const FLOOR: Micros = 1_700_000_000_000_000;
+
+    #[test]
+    fn the_judge_distrusts_a_clock_before_the_build() {
+        let before = judge(FLOOR - 1, FLOOR, false, || {
+            panic!("not asked under `floor`")
+        });
+        assert_eq!(
+            before,
+            Verdict::Untrusted("the wall clock is before the agent was built")
+        );
+        // 1970 (an ECU without a battery-backed clock): untrusted even when "synchronised".
+        assert_eq!(judge(0, FLOOR, true, || true), before);
+        assert_eq!(judge(-5, FLOOR, false, || true), before);
+        assert_eq!(
+            judge(FLOOR, FLOOR, false, || panic!("not asked")),
+            Verdict::Trusted
+        );
+        assert_eq!(judge(FLOOR + 1, FLOOR, false, || false), Verdict::Trusted);
+    }
+
+    #[test]
+    fn the_judge_under_synced_needs_a_time_service() {
+        let unsynced = Verdict::Untrusted("the kernel clock is not synchronised (NTP, PTP or GPS)");
+        assert_eq!(judge(FLOOR + 1, FLOOR, true, || false), unsynced);
+        assert_eq!(judge(FLOOR + 1, FLOOR, true, || true), Verdict::Trusted);
+    }
+
+    #[test]
+    fn kernel_state_decides_and_the_timesyncd_flag_only_when_adjtimex_is_refused() {
+        let no_flag = || panic!("the flag is read only when adjtimex is refused");
+        // The kernel's answer wins whatever timesyncd's flag says.
+        assert!(synchronised(libc::TIME_OK, 0, no_flag));
+        assert!(!synchronised(libc::TIME_ERROR, 0, no_flag));
+        assert!(!synchronised(libc::TIME_OK, libc::STA_UNSYNC, no_flag));
+        assert!(!synchronised(
+            libc::TIME_INS,
+            libc::STA_UNSYNC | libc::STA_PLL,
+            no_flag
+        ));
+        assert!(synchronised(libc::TIME_INS, libc::STA_PLL, no_flag));
+        // Refused (ProtectClock=yes: EPERM): systemd-timesyncd's flag file.
+        assert!(synchronised(-1, 0, || true));
+        assert!(!synchronised(-1, 0, || false));
+    }
+
+    #[test]
+    fn the_build_floor_is_the_build_time() {
+        let floor = build_floor_us();
+        // Built after this code was written (2025) and not in the future.
+        assert!(floor > 1_735_689_600_000_000, "floor {floor}");
+        assert!(floor <= wall_now_us(), "floor {floor} is in the future");
+        assert_eq!(floor % 1_000_000, 0);
     }
 
     #[test]

@@ -406,10 +406,15 @@ enum Delivery {
     },
 }
 
-/// The wall clock's judge: the test file when `REDLINE_TEST_CLOCK_FILE` is set (the kernel
-/// state cannot be set in tests), else the system per `[clock] trust`.
+/// The wall clock's judge: the system per `[clock] trust`; in a build with the `test-hooks`
+/// feature (tests only, never the car), the file named by `REDLINE_TEST_CLOCK_FILE` when set.
 fn clock_source(config: &Config) -> ClockSource {
+    #[cfg(feature = "test-hooks")]
     if let Some(path) = std::env::var_os("REDLINE_TEST_CLOCK_FILE") {
+        tracing::warn!(
+            "test hook active: REDLINE_TEST_CLOCK_FILE={}: the wall clock is judged by this file, not by [clock] trust",
+            std::path::Path::new(&path).display()
+        );
         return ClockSource::File(path.into());
     }
     ClockSource::System {
@@ -550,12 +555,20 @@ async fn sample_on_live_clock(
     stop: CancellationToken,
 ) {
     let mut n = sampler.first_tick_at_or_after(clock.now());
-    // A test hook: the systemd watchdog test stalls the sampler to prove it stops the pings.
+    // A test hook (`test-hooks` builds only): the systemd watchdog test stalls the sampler
+    // to prove it stops the pings.
+    #[cfg(feature = "test-hooks")]
     let stall_at = std::env::var("REDLINE_TEST_STALL_SAMPLER_AFTER_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        .map(|ms| {
+            tracing::warn!(
+                "test hook active: REDLINE_TEST_STALL_SAMPLER_AFTER_MS={ms}: the sampler stalls {ms} ms after start"
+            );
+            tokio::time::Instant::now() + Duration::from_millis(ms)
+        });
     loop {
+        #[cfg(feature = "test-hooks")]
         if stall_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
             tracing::warn!("test hook: sampler stalled on purpose");
             stop.cancelled().await;
