@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use support::broker::{Broker, Subscriber, mosquitto_pub};
 use support::certs::Pki;
-use support::json::{
-    Coverage, PayloadMode, Record, assert_exact_grid, assert_on_grid, check_message, coverage,
-};
+use support::json::{Coverage, PayloadMode, Record, assert_exact_grid, check_message, coverage};
 use support::process::{Finished, Proc, poll, run, tail};
 use support::{ConfigSpec, SESSION_ID, START, START_MS, TOPIC, VEHICLE_ID, agent};
 
@@ -362,12 +360,12 @@ fn survives_broker_restart() {
     cmd.args(simulate_args(&config, "12s", "1", "9"));
     let mut agent = Proc::spawn("redline-agent simulate", cmd);
 
-    let flowing = poll(Duration::from_secs(8), || {
+    let flowing = poll(Duration::from_secs(30), || {
         (!s.sub.telemetry().is_empty()).then_some(())
     });
     assert!(
         flowing.is_some(),
-        "no telemetry within 8 s of start\n--- agent stderr ---\n{}\n{}",
+        "no telemetry within 30 s of start\n--- agent stderr ---\n{}\n{}",
         agent.stderr_text(),
         s.describe()
     );
@@ -398,13 +396,16 @@ fn survives_broker_restart() {
     // (simulated time at --speed 1 never runs ahead of the wall clock since spawn).
     let after_restart_ms = START_MS + restarted_at.as_millis() as i64;
 
-    let status =
-        agent.wait_or_panic(Duration::from_secs(12 + 18).saturating_sub(started.elapsed()));
+    // The generous bound is for a loaded machine: the run itself takes 12 s.
+    let status = agent.wait_or_panic(Duration::from_secs(90).saturating_sub(started.elapsed()));
     let elapsed = started.elapsed();
     let stderr = agent.stderr_text();
-    assert!(
-        matches!(status.code(), Some(0) | Some(3)),
-        "agent must exit 0 or 3 by itself, got {status}\n{stderr}\n{}",
+    // The spool keeps what the broker could not take: every batch is acknowledged after the
+    // restart, so the run exits 0 (3 would mean batches left unacknowledged).
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "every reading is spooled and delivered after the restart: exit 0, got {status}\n{stderr}\n{}",
         s.describe()
     );
     assert!(
@@ -412,27 +413,40 @@ fn survives_broker_restart() {
         "a 12 s run at --speed 1 ended after {elapsed:?}\n{stderr}"
     );
 
-    let arrived = poll(Duration::from_secs(10), || {
+    // Exit 0: the broker has every batch, and the subscriber's persistent session gets them.
+    let complete = poll(Duration::from_secs(30), || {
         let (_, records) = s.telemetry_records(PayloadMode::Records);
-        records
-            .iter()
-            .any(|r| r.timestamp > after_restart_ms)
-            .then_some(())
+        let cov = coverage(&records).ok()?;
+        (cov.distinct.len() >= 120).then_some(())
     });
+    s.sub.sync();
     let (messages, records) = s.telemetry_records(PayloadMode::Records);
     let cov = coverage(&records).unwrap_or_else(|e| panic!("{e}"));
-    assert_on_grid(&cov, START_MS, 120);
-    check_identity(&cov);
     assert!(
-        arrived.is_some(),
+        complete.is_some(),
+        "after exit 0 the subscriber got {} of 120 readings in {messages} messages\n\
+         --- agent stderr ---\n{stderr}\n{}",
+        cov.distinct.len(),
+        s.describe()
+    );
+    // The full grid: nothing lost before, during or after the outage.
+    assert_exact_grid(&cov, START_MS, 120);
+    check_identity(&cov);
+    let after_restart = cov
+        .distinct
+        .keys()
+        .filter(|t| **t > after_restart_ms)
+        .count();
+    assert!(
+        after_restart > 0,
         "no reading stamped after the restart (> {after_restart_ms}) arrived; \
-         {messages} messages, last timestamp {:?}\n--- agent stderr ---\n{stderr}\n{}",
-        cov.distinct.keys().last(),
+         {messages} messages\n--- agent stderr ---\n{stderr}\n{}",
         s.describe()
     );
     assert!(s.sub.is_running(), "the checking subscriber died");
     eprintln!(
-        "exit {status}; {} of 120 readings arrived ({} duplicates); restart at {restarted_at:?}",
+        "exit {status}; {} of 120 readings arrived ({} duplicates, {after_restart} sampled after \
+         the restart); restart at {restarted_at:?}",
         cov.distinct.len(),
         cov.duplicates
     );
