@@ -475,6 +475,35 @@ enum Step {
     StartBroker,
 }
 
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The agent's status file as it stands: (when it was written by the agent's clock, ms;
+/// batches closed by then). `None` while there is none (or between writes).
+fn status_snapshot(path: &Path) -> Option<(i64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some((v["at_ms"].as_i64()?, v["counters"]["batches"].as_u64()?))
+}
+
+/// Sleeps until `t`, reading the status file every 10 ms meanwhile.
+fn watch_status_until(t: Instant, path: &Path, seen: &mut Vec<(i64, u64)>) {
+    loop {
+        if let Some(s) = status_snapshot(path)
+            && seen.last() != Some(&s)
+        {
+            seen.push(s);
+        }
+        let Some(left) = t.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
+}
+
 #[test]
 fn kill_9_loop_loses_no_durable_reading() {
     const RUNS: u64 = 20;
@@ -490,6 +519,24 @@ fn kill_9_loop_loses_no_durable_reading() {
             ..Tuning::default()
         },
     );
+    // The agent's status file, every 100 ms: how many batches it had closed, and when (its
+    // own clock). Every batch closed more than DURABLE_AFTER before a kill must survive it:
+    // each batch is synced as it is written (sync_interval = "always"); the margin is for
+    // the spool thread's queue and fsync on a loaded machine.
+    const DURABLE_AFTER_MS: i64 = 1000;
+    let status_path = rig.path("status.json");
+    // The killed runs only: a run that ends by itself need not write one.
+    let kill_config = rig.path("agent-killed.toml");
+    std::fs::write(
+        &kill_config,
+        format!(
+            "{}\n[status]\nfile = {}\nfile_interval = \"100ms\"\n",
+            std::fs::read_to_string(&config).expect("config"),
+            support::toml_path(&status_path)
+        ),
+    )
+    .expect("config");
+    let mut durable: BTreeMap<u64, u64> = BTreeMap::new();
     let seed = std::env::var("SPOOL_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -526,10 +573,13 @@ fn kill_9_loop_loses_no_durable_reading() {
         };
         steps.sort();
         let (start, _) = hour_start(i);
-        let mut agent = spawn_agent(&simulate_args(&config, None, "5", i + 1, &start));
+        let _ = std::fs::remove_file(&status_path);
+        let mut agent = spawn_agent(&simulate_args(&kill_config, None, "5", i + 1, &start));
         let spawned = Instant::now();
+        let mut snapshots: Vec<(i64, u64)> = Vec::new();
+        let mut killed_at = 0;
         for (at, step) in steps {
-            sleep_until(spawned + at);
+            watch_status_until(spawned + at, &status_path, &mut snapshots);
             match step {
                 Step::StopBroker => rig.broker.stop(),
                 Step::StartBroker => {
@@ -542,9 +592,12 @@ fn kill_9_loop_loses_no_durable_reading() {
                         "run {i}: the agent exited by itself before the kill\n{}",
                         rig.report(&agent)
                     );
+                    killed_at = wall_ms();
                     send_signal(agent.pid(), "KILL");
                     let status = agent.wait_or_panic(Duration::from_secs(10));
                     assert_eq!(status.signal(), Some(9), "run {i}: {status}");
+                    // The last snapshot it wrote.
+                    watch_status_until(Instant::now(), &status_path, &mut snapshots);
                 }
             }
         }
@@ -560,9 +613,20 @@ fn kill_9_loop_loses_no_durable_reading() {
             }
             exported.insert(r.timestamp, r.clone());
         }
+        // Batches closed (by the agent's own account) long enough before the kill.
+        let closed = snapshots
+            .iter()
+            .filter(|(at, _)| *at <= killed_at - DURABLE_AFTER_MS)
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0);
+        durable.insert(i, closed);
         journal.push(format!(
-            "run {i:2}: killed after {kill_after:?} ({what}); export holds {} readings",
-            export.len()
+            "run {i:2}: killed after {kill_after:?} ({what}); export holds {} readings; {closed} \
+             batch(es) closed more than {DURABLE_AFTER_MS} ms before the kill ({} status \
+             snapshots)",
+            export.len(),
+            snapshots.len()
         ));
     }
 
@@ -625,6 +689,15 @@ fn kill_9_loop_loses_no_durable_reading() {
                 0,
                 "run {run} was killed: it can only have left whole batches, got {n} readings"
             );
+            // The lower bound: whatever it had closed well before the kill was kept (exported
+            // or delivered, and in the end delivered).
+            let closed = durable[&run];
+            assert!(
+                n >= closed as i64 * BATCH,
+                "run {run}: {closed} batch(es) closed more than {DURABLE_AFTER_MS} ms before the \
+                 kill, but only {n} readings survived it\n{}",
+                journal.join("\n")
+            );
         } else {
             assert_eq!(n, 30, "the final 3 s run at 10 Hz");
         }
@@ -664,6 +737,13 @@ fn kill_9_loop_loses_no_durable_reading() {
         );
         dup_batches += mults.iter().next().map_or(0, |m| m - 1);
     }
+    let bounded = durable.values().filter(|n| **n > 0).count();
+    assert!(
+        bounded > 0,
+        "no run lived long enough to have batches closed {DURABLE_AFTER_MS} ms before its kill: \
+         the lower bound checked nothing\n{}",
+        journal.join("\n")
+    );
     assert!(
         cov.duplicates <= cov.distinct.len() / 2,
         "{} duplicate records for {} readings: acknowledgements are not kept",
@@ -672,9 +752,12 @@ fn kill_9_loop_loses_no_durable_reading() {
     );
     eprintln!(
         "{}\nkill loop: {RUNS} kills, {broker_restarts} broker restarts; readings per run {counts:?}; \
+         {bounded} runs with a lower bound (batches closed >{DURABLE_AFTER_MS} ms before the kill: \
+         {:?}); \
          {} distinct readings in {} messages, {} duplicate records ({dup_batches} duplicate batches); \
          {} distinct readings seen in exports, all delivered; test took {:?}",
         journal.join("\n"),
+        durable.values().collect::<Vec<_>>(),
         cov.distinct.len(),
         messages.len(),
         cov.duplicates,
@@ -693,6 +776,29 @@ enum Damage {
     FlippedBitInOlderSegment,
     /// 4 KiB of zeros after the last frame of the last segment.
     ZerosAppended,
+}
+
+/// The readings a segment's frames hold, by the documented payload layout (`first_at: i64
+/// LE` in µs, `last_at: i64 LE`, `n: u32 LE`): (frame, first reading's ms, readings).
+fn frame_batches(path: &Path) -> Vec<(support::spool::Frame, i64, u32)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    frames(path)
+        .into_iter()
+        .map(|f| {
+            let p = (f.offset + support::spool::FRAME_HEADER) as usize;
+            let first_us = i64::from_le_bytes(bytes[p..p + 8].try_into().unwrap());
+            let last_us = i64::from_le_bytes(bytes[p + 8..p + 16].try_into().unwrap());
+            let n = u32::from_le_bytes(bytes[p + 16..p + 20].try_into().unwrap());
+            assert_eq!(
+                last_us - first_us,
+                (i64::from(n) - 1) * 100_000,
+                "{}: frame at {} is not {n} readings 100 ms apart",
+                path.display(),
+                f.offset
+            );
+            (f, first_us / 1000, n)
+        })
+        .collect()
 }
 
 fn set_len(path: &Path, len: u64) {
@@ -730,16 +836,53 @@ fn damaged_spool_is_cut_and_the_rest_arrives(damage: Damage) {
         "nothing acknowledged: exit 3\n{}",
         out.describe()
     );
+    // What the test wrote, independently of the spool: the same simulation (seed, start,
+    // duration) printed on stdout; deterministic on the data's own clock.
+    let mut stdout_args = simulate_args(&config, Some("150s"), "max", 4, START);
+    stdout_args.push("--stdout".to_owned());
+    let printed = run_agent_to_end(&stdout_args, Duration::from_secs(40));
+    assert_eq!(printed.code(), Some(0), "{}", printed.describe());
+    let written = support::stdout_records(&printed, support::json::PayloadMode::Records);
+    let written: BTreeMap<i64, Record> = written.into_iter().map(|r| (r.timestamp, r)).collect();
+    assert_eq!(
+        written.keys().copied().collect::<Vec<_>>(),
+        (0..1500).map(|k| START_MS + k * 100).collect::<Vec<_>>(),
+        "150 s at 10 Hz from START"
+    );
     let before = spool_export(&config, None);
     assert_eq!(
         before.len(),
         1500,
         "the spool keeps every reading of the run"
     );
+    for r in &before {
+        assert_eq!(
+            written[&r.timestamp].json, r.json,
+            "the spool holds reading {} changed",
+            r.timestamp
+        );
+    }
     let segs = segment_files(&orig);
     assert!(
         segs.len() >= 3,
         "expected several 64 KiB segments, got {segs:?}"
+    );
+    // The frames, in order, hold the readings in order, ten to a batch.
+    let layout: Vec<Vec<(support::spool::Frame, i64, u32)>> =
+        segs.iter().map(|p| frame_batches(p)).collect();
+    let mut next = START_MS;
+    for (f, first, n) in layout.iter().flatten() {
+        assert_eq!(
+            (*first, *n),
+            (next, BATCH as u32),
+            "frame {f:?}: expected the batch of 10 readings from {next}"
+        );
+        next += BATCH * 100;
+    }
+    assert_eq!(
+        next,
+        START_MS + 1500 * 100,
+        "the frames hold all 1500 readings"
     );
 
     // Damage a copy.
@@ -787,11 +930,18 @@ fn damaged_spool_is_cut_and_the_rest_arrives(damage: Damage) {
             (last, len, len + 4096)
         }
     };
-    // What must arrive: the undamaged spool cut where the damaged frame starts.
-    let reference = rig.path("reference");
-    copy_dir_files(&orig, &reference);
-    set_len(&reference.join(&names[victim]), cut_at);
-    let expected = spool_export(&config, Some(&reference));
+    // What must arrive: every batch but those the damage cuts, the damaged frame and what
+    // follows it in its segment (from the frame offsets, not from the agent).
+    let expected: Vec<Record> = layout
+        .iter()
+        .enumerate()
+        .flat_map(|(seg, fs)| {
+            fs.iter()
+                .filter(move |(f, _, _)| seg != victim || f.offset < cut_at)
+                .flat_map(|(_, first, n)| (0..i64::from(*n)).map(move |k| first + k * 100))
+        })
+        .map(|t| written[&t].clone())
+        .collect();
     let lost = before.len() - expected.len();
     if damage == Damage::ZerosAppended {
         assert_eq!(lost, 0, "zeros after the last frame damage no frame");
@@ -860,17 +1010,27 @@ fn damaged_spool_is_cut_and_the_rest_arrives(damage: Damage) {
     let cov = coverage(&records).unwrap_or_else(|e| panic!("{e}"));
     check_identity(&cov);
     assert_all_arrived(&expected, &cov, &format!("{damage:?}: undamaged frames"));
-    let stored: BTreeMap<i64, &Record> = before.iter().map(|r| (r.timestamp, r)).collect();
     let mut new_run = 0;
     for (t, r) in &cov.distinct {
         if *t >= DAY2_MS {
             new_run += 1;
             continue;
         }
-        let s = stored
+        let s = written
             .get(t)
-            .unwrap_or_else(|| panic!("{damage:?}: reading {t} arrived but was never stored"));
+            .unwrap_or_else(|| panic!("{damage:?}: reading {t} arrived but was never written"));
         assert_eq!(s.json, r.json, "{damage:?}: reading {t} arrived changed");
+    }
+    // The damaged frame itself never arrives (its CRC no longer matches).
+    if let Some((_, first, n)) = layout[victim].iter().find(|(f, _, _)| f.offset == cut_at) {
+        let leaked: Vec<i64> = (0..i64::from(*n))
+            .map(|k| first + k * 100)
+            .filter(|t| cov.distinct.contains_key(t))
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "{damage:?}: readings of the damaged frame arrived: {leaked:?}"
+        );
     }
     assert_eq!(new_run, 10, "{damage:?}: the new 1 s run's readings");
     let after = spool_stats(&damaged_config);
