@@ -269,21 +269,35 @@ fn frozen_then_killed_broker_every_reading_arrives() {
 
 // 2. ---------------------------------------------------------------------------------
 
-/// The most messages that surely arrived within less than `window`, counted from each
-/// message: message j counts for message i if it was seen less than `window` after the
-/// poll before the one that saw message i.
-fn max_in_window(msgs: &[Arrival], window: Duration) -> (usize, usize) {
-    let mut best = (0, 0);
-    for (i, first) in msgs.iter().enumerate() {
-        let n = msgs[i..]
-            .iter()
-            .take_while(|m| m.at.duration_since(first.after) < window)
-            .count();
-        if n > best.0 {
-            best = (n, i);
+/// Slack for the broker and the subscriber between the agent's publish and the poll that
+/// sees a message: they may delay and bunch messages by this much on a loaded machine. A
+/// rate is therefore checked as a token bucket over every span of messages, with this much
+/// time added to each span: short bursts of forwarding are forgiven, a rate above the limit
+/// sustained over seconds is not.
+const FORWARDING: Duration = Duration::from_secs(1);
+
+/// Token bucket over the arrivals: the weight of messages i..=j is at most
+/// `burst + rate * (longest time they can have taken + FORWARDING)`. Returns the worst excess
+/// over that bound and the span (i, j) where it is.
+fn worst_excess(
+    msgs: &[Arrival],
+    weight: impl Fn(&Arrival) -> f64,
+    rate: f64,
+    burst: f64,
+) -> (f64, usize, usize) {
+    let mut worst = (f64::MIN, 0, 0);
+    for (i, from) in msgs.iter().enumerate() {
+        let mut sum = 0.0;
+        for (j, to) in msgs.iter().enumerate().skip(i) {
+            sum += weight(to);
+            let dt = to.at.duration_since(from.after) + FORWARDING;
+            let excess = sum - (burst + rate * dt.as_secs_f64());
+            if excess > worst.0 {
+                worst = (excess, i, j);
+            }
         }
     }
-    best
+    worst
 }
 
 #[test]
@@ -351,21 +365,27 @@ fn broker_down_at_start_backlog_arrives_within_publish_rate() {
         times.len(),
         rig.describe()
     );
-    let (most, at) = max_in_window(measured, Duration::from_secs(1));
+    // At most RATE messages a second (one more at once), over every span of messages.
+    let (excess, from, to) = worst_excess(measured, |_| 1.0, RATE as f64, 1.0);
     let offsets: Vec<u128> = times
         .iter()
         .map(|t| t.duration_since(times[0]).as_millis())
         .collect();
     assert!(
-        most <= RATE + 1,
-        "{most} messages arrived within 1 s (from message {at} on) with max_publish_per_sec = {RATE}; \
-         arrival offsets (ms): {offsets:?}"
+        excess <= 0.0,
+        "messages {from}..={to} are {excess:.1} more than max_publish_per_sec = {RATE} allows \
+         (with {FORWARDING:?} for forwarding); arrival offsets (ms): {offsets:?}"
     );
+    let span = times
+        .last()
+        .map_or(Duration::ZERO, |l| l.duration_since(times[0]));
+    let most = times.len() as f64 / span.as_secs_f64().max(1e-3);
     let largest = per_message.iter().map(Vec::len).max().unwrap_or(0);
     let biggest = payloads.iter().map(String::len).max().unwrap_or(0);
     eprintln!(
-        "broker up at {up_at:?}, exit 0 at {exited_at:?}; {} messages ({} measured, at most {most} \
-         in 1 s), largest {largest} records / {biggest} bytes, {} duplicates; test took {:?}",
+        "broker up at {up_at:?}, exit 0 at {exited_at:?}; {} messages ({} measured, {most:.1}/s \
+         on average over {span:?}), largest {largest} records / {biggest} bytes, {} duplicates; \
+         test took {:?}",
         payloads.len(),
         times.len(),
         cov.duplicates,
@@ -423,19 +443,7 @@ fn backlog_respects_bytes_per_second() {
         .map(|a| a.payload.len() as f64)
         .collect();
     let total: f64 = sizes.iter().sum();
-    let mut worst = (f64::MIN, 0, 0);
-    for (i, from) in arrivals.msgs.iter().enumerate() {
-        let mut sum = 0.0;
-        for (j, to) in arrivals.msgs.iter().enumerate().skip(i) {
-            sum += to.payload.len() as f64;
-            // The longest the two could be apart, and 20 ms for the broker's forwarding.
-            let dt = to.at.duration_since(from.after).as_secs_f64();
-            let excess = sum - (BURST + RATE * (dt + 0.02));
-            if excess > worst.0 {
-                worst = (excess, i, j);
-            }
-        }
-    }
+    let worst = worst_excess(&arrivals.msgs, |a| a.payload.len() as f64, RATE, BURST);
     let span = arrivals
         .msgs
         .last()
@@ -444,7 +452,8 @@ fn backlog_respects_bytes_per_second() {
     assert!(
         worst.0 <= 0.0,
         "messages {}..={} carried {:.0} bytes more than max_bytes_per_sec = 64KiB allows \
-         (burst of one message included); {} messages, {total:.0} bytes in {span:?}",
+         (burst of one message and {FORWARDING:?} for forwarding included); {} messages, \
+         {total:.0} bytes in {span:?}",
         worst.1,
         worst.2,
         worst.0,
@@ -1223,14 +1232,16 @@ fn full_filesystem_keeps_publishing_and_recovers() {
         },
     );
     let latest = |rig: &Rig| rig.timestamps().last().copied().unwrap_or(0);
+    // Each step waits for the agent's answer (generous bounds, for a loaded machine); the
+    // run lasts until the test has seen them all and stops it: no step races the end of a
+    // fixed-length run.
+    const STEP: Duration = Duration::from_secs(30);
 
     let started = Instant::now();
-    let mut agent = spawn_agent(&simulate_args(&config, Some("60s"), "20", 9, START));
+    let mut agent = spawn_agent(&simulate_args(&config, Some("3600s"), "5", 9, START));
     assert!(
-        poll(Duration::from_secs(5), || (!rig.sub.telemetry().is_empty())
-            .then_some(()))
-        .is_some(),
-        "no telemetry within 5 s\n{}",
+        poll(STEP, || (!rig.sub.telemetry().is_empty()).then_some(())).is_some(),
+        "no telemetry within {STEP:?}\n{}",
         rig.report(&agent)
     );
 
@@ -1238,7 +1249,7 @@ fn full_filesystem_keeps_publishing_and_recovers() {
     let filled = fill_until_enospc(&filler);
     let filled_at = started.elapsed();
     assert!(
-        poll(Duration::from_secs(5), || agent
+        poll(STEP, || agent
             .stderr_text()
             .contains("not writable (")
             .then_some(()))
@@ -1247,11 +1258,9 @@ fn full_filesystem_keeps_publishing_and_recovers() {
         rig.report(&agent)
     );
     let fault_at = started.elapsed();
-    // Still publishing: readings sampled after the fault keep arriving.
+    // Still publishing: readings sampled 2 s (simulated) after the fault keep arriving.
     let at_fault = latest(&rig);
-    let kept = poll(Duration::from_secs(5), || {
-        (latest(&rig) >= at_fault + 2000).then_some(())
-    });
+    let kept = poll(STEP, || (latest(&rig) >= at_fault + 2000).then_some(()));
     assert!(
         kept.is_some(),
         "with the spool not writable no reading after {at_fault} arrived\n{}",
@@ -1266,7 +1275,7 @@ fn full_filesystem_keeps_publishing_and_recovers() {
     let recovered_before = agent.stderr_text().matches("spool writable again").count();
     std::fs::remove_file(&filler).unwrap();
     let freed_at = started.elapsed();
-    let recovered = poll(Duration::from_secs(5), || {
+    let recovered = poll(STEP, || {
         (agent.stderr_text().matches("spool writable again").count() > recovered_before)
             .then_some(())
     });
@@ -1276,21 +1285,37 @@ fn full_filesystem_keeps_publishing_and_recovers() {
         "filler deleted at {freed_at:?} but no new `spool writable again` line\n{}",
         rig.report(&agent)
     );
-    let status = agent.wait_or_panic(Duration::from_secs(50).saturating_sub(started.elapsed()));
+    // And through the spool again: readings sampled 2 s (simulated) after the recovery.
+    let at_recovery = latest(&rig);
+    let spooled = poll(STEP, || (latest(&rig) >= at_recovery + 2000).then_some(()));
+    assert!(
+        spooled.is_some(),
+        "no reading after {at_recovery} arrived once the spool was writable again\n{}",
+        rig.report(&agent)
+    );
+    send_signal(agent.pid(), "TERM");
+    let status = agent.wait_or_panic(STEP);
     let stderr = agent.stderr_text();
     assert_eq!(
         status.code(),
         Some(0),
-        "every batch was published and acknowledged: exit 0\n{}",
+        "SIGTERM: every batch was published and acknowledged: exit 0\n{}",
         rig.report(&agent)
     );
+    let sampled = stderr
+        .lines()
+        .filter(|l| l.contains("summary: "))
+        .flat_map(str::split_whitespace)
+        .find_map(|t| t.strip_prefix("readings=")?.parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("no `summary: readings=N`\n{stderr}"));
     poll(Duration::from_secs(10), || {
-        (rig.timestamps().len() >= 600).then_some(())
+        (rig.timestamps().len() as i64 >= sampled).then_some(())
     });
     rig.sub.sync();
     let records = rig.records();
     let cov = coverage(&records).unwrap_or_else(|e| panic!("{e}"));
-    assert_exact_grid(&cov, START_MS, 600);
+    // Every reading sampled arrived, before, during and after the full disk.
+    assert_exact_grid(&cov, START_MS, sampled);
     check_identity(&cov);
     let stats = spool_stats(&config);
     assert_eq!(stats.num("unacked batches"), 0, "{}", stats.text);
@@ -1298,7 +1323,7 @@ fn full_filesystem_keeps_publishing_and_recovers() {
         "filled {filled} bytes at {filled_at:?}, `not writable` seen at {fault_at:?}, still publishing at \
          {flowing_at:?}, filler deleted at {freed_at:?}, `writable again` at {recovered_at:?}, exit 0 at \
          {:?}; `not writable (` lines: {}, `writable again` lines: {} ({recovered_before} before the \
-         filler went); 600 of 600 readings, {} duplicates; test took {:?}",
+         filler went); {sampled} of {sampled} readings, {} duplicates; test took {:?}",
         started.elapsed(),
         stderr.matches("not writable (").count(),
         stderr.matches("spool writable again").count(),
