@@ -392,6 +392,9 @@ pub async fn run(
     };
     ticker.abort();
     supervisor.abort();
+    // A run that ended by itself (simulate, replay) was never asked to stop: the status
+    // file task writes its last snapshot and ends only on this token.
+    stop.cancel();
     if let Some(t) = status_file {
         let _ = t.await;
     }

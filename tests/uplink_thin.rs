@@ -243,6 +243,17 @@ fn log_tail(agent_log: &str) -> String {
     tail(agent_log, 4000).to_owned()
 }
 
+/// The number after `key` in the agent's last summary line.
+fn summary_number(log: &str, key: &str) -> u64 {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("summary:") && l.contains(key))
+        .and_then(|l| l.split(key).nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no `{key}` in the agent's summary\n{}", log_tail(log)))
+}
+
 fn sleep_until(t: Instant) {
     let now = Instant::now();
     if t > now {
@@ -250,14 +261,32 @@ fn sleep_until(t: Instant) {
     }
 }
 
+/// One row of the link benchmark (`scripts/link-bench.sh` collects them).
+fn bench_row(profile: &str, p50: f64, p95: f64, drain: &str, resent: f64, reconnects: u64) {
+    eprintln!(
+        "LINK | {profile} | {p50:.0} ms | {p95:.0} ms | {drain} | {:.2} % | {reconnects} |",
+        100.0 * resent
+    );
+}
+
 /// (a) 3 KiB/s each way, 100 ms round trip, 30 minutes of backlog, two minutes of live data.
 #[test]
-fn thin_link_live_first_while_the_backlog_drains() {
-    const RATE: u64 = 3 * 1024;
+fn thin_link_3k_live_first_while_the_backlog_drains() {
+    thin_link(3 * 1024);
+}
+
+/// The same at 8 KiB/s, where the agent used to tear down its own connection.
+#[test]
+fn thin_link_8k_live_first_while_the_backlog_drains() {
+    thin_link(8 * 1024);
+}
+
+fn thin_link(rate: u64) {
     const RUN_S: u64 = 120;
+    let kib = rate / 1024;
     let rig = Rig::new(LinkSpec {
-        up_rate: RATE,
-        down_rate: RATE,
+        up_rate: rate,
+        down_rate: rate,
         delay: Duration::from_millis(50),
         jitter: Duration::from_millis(10),
     });
@@ -312,11 +341,20 @@ fn thin_link_live_first_while_the_backlog_drains() {
         .sum();
     let duplicates: usize = r.copies.values().map(|c| c.len() - 1).sum();
     let secs = (window_end - live_from) / 1000.0;
-    let spare = RATE as f64 * secs - live_bytes;
+    let spare = rate as f64 * secs - live_bytes;
     let spare_used = backlog_bytes / spare;
     let overhead = up_bytes as f64 / (live_bytes + backlog_bytes);
+    let resent = summary_number(&log, "resent_bytes=") as f64;
+    bench_row(
+        &format!("{kib} KiB/s, 100 ms, 30 min of backlog, 2 min"),
+        p50,
+        p95,
+        &format!("{:.0} %", 100.0 * spare_used),
+        resent / (live_bytes + backlog_bytes),
+        connections.saturating_sub(1),
+    );
     eprintln!(
-        "3 KiB/s: live {}/{expected} ({:.1} %), latency p50 {p50:.0} ms p95 {p95:.0} ms; \
+        "{kib} KiB/s: live {}/{expected} ({:.1} %), latency p50 {p50:.0} ms p95 {p95:.0} ms; \
          backlog {backlog_bytes:.0} B = {:.0} % of the spare {spare:.0} B; {up_bytes} B crossed \
          for {:.0} B of distinct readings ({overhead:.3}x); {duplicates} duplicates; {connections} connection(s)",
         live.len(),
@@ -325,10 +363,24 @@ fn thin_link_live_first_while_the_backlog_drains() {
         live_bytes + backlog_bytes
     );
     let ctx = || format!("agent log:\n{}\nstatus:\n{status}", log_tail(&log));
-    assert!(share >= 0.95, "only {:.1} % of live readings arrived\n{}", 100.0 * share, ctx());
+    assert!(
+        share >= 0.95,
+        "only {:.1} % of live readings arrived\n{}",
+        100.0 * share,
+        ctx()
+    );
     assert!(p95 <= 3000.0, "live p95 {p95:.0} ms > 3 s\n{}", ctx());
-    assert_eq!(connections, 1, "the agent reconnected on a working link\n{}", ctx());
-    assert!(overhead <= 1.15, "{overhead:.3}x the distinct bytes crossed the link\n{}", ctx());
+    assert_eq!(
+        connections,
+        1,
+        "the agent reconnected on a working link\n{}",
+        ctx()
+    );
+    assert!(
+        overhead <= 1.15,
+        "{overhead:.3}x the distinct bytes crossed the link\n{}",
+        ctx()
+    );
     assert!(
         spare_used >= 0.80,
         "the backlog used {:.0} % of the spare capacity\n{}",
@@ -367,13 +419,21 @@ fn laps_every_reading_arrives_and_live_resumes_at_once() {
     let mut agent = rig.live_agent(&config, &format!("{run_s}s"));
     let mut cuts = Vec::new();
     let mut returns = Vec::new();
+    let mut reconnect_gaps = Vec::new();
     for lap in 0..LAPS {
         sleep_until(started + Duration::from_secs(lap * 60 + 40));
         rig.proxy.set_up(false);
         cuts.push(now_epoch_ms());
         sleep_until(started + Duration::from_secs(lap * 60 + 60));
+        let before = rig.proxy.connections();
         rig.proxy.set_up(true);
+        let back = Instant::now();
         returns.push(now_epoch_ms());
+        // How long the agent leaves a returned link unused.
+        let gap = support::process::poll(Duration::from_secs(15), || {
+            (rig.proxy.connections() > before).then(|| back.elapsed())
+        });
+        reconnect_gaps.push(gap.map_or(f64::INFINITY, |g| g.as_secs_f64()));
     }
     // The run ends by itself once everything is acknowledged.
     let status = agent.wait_timeout(Duration::from_secs(60));
@@ -414,7 +474,8 @@ fn laps_every_reading_arrives_and_live_resumes_at_once() {
         dup += copies.len() - 1;
         let first = copies[0];
         assert!(
-            cuts.iter().any(|c| first <= *c + 500.0 && first >= *c - 5000.0),
+            cuts.iter()
+                .any(|c| first <= *c + 500.0 && first >= *c - 5000.0),
             "reading {t} arrived twice though its first copy (at {first}) was not in flight at a cut {cuts:?}"
         );
     }
@@ -430,15 +491,41 @@ fn laps_every_reading_arrives_and_live_resumes_at_once() {
         );
     }
     let n = lat.len();
+    let p50 = percentile(lat.clone(), 0.5);
     let p95 = percentile(lat, 0.95);
-    let reconnect_gaps: Vec<f64> = returns.iter().map(|_| 0.0).collect();
+    let resent = summary_number(&log, "resent_bytes=");
+    let distinct: f64 = r.first.values().map(|(_, b)| b).sum();
+    bench_row(
+        "16 KiB/s, 80 ms, laps: 40 s up, 20 s down, x3 (live from 5 s after each return)",
+        p50,
+        p95,
+        "all delivered",
+        resent as f64 / distinct,
+        rig.proxy.connections().saturating_sub(1),
+    );
     eprintln!(
-        "laps at 16 KiB/s: {} readings, {dup} duplicates, live p95 after returns {p95:.0} ms over {n} readings; {} connections, {} refused while down {reconnect_gaps:?}",
+        "laps at 16 KiB/s: {} readings, {dup} duplicates, {resent} bytes re-sent ({:.2} % of {distinct:.0}), \
+         live p95 after returns {p95:.0} ms over {n} readings; {} connections, {} refused while down, \
+         reconnected {reconnect_gaps:.1?} s after the returns",
         r.first.len(),
+        100.0 * resent as f64 / distinct,
         rig.proxy.connections(),
         rig.proxy.refused()
     );
-    assert!(n > 100, "too few readings after the returns to measure: {n}");
+    assert!(
+        reconnect_gaps.iter().all(|g| *g <= 5.0),
+        "the agent left the returned link unused for {reconnect_gaps:?} s (backoff is capped at 4 s)"
+    );
+    // Only what was in flight at a cut is sent again: at 16 KiB/s about a second of link.
+    assert!(
+        resent <= LAPS * 40 * 1024,
+        "{resent} bytes re-sent for {LAPS} cuts\n{}",
+        log_tail(&log)
+    );
+    assert!(
+        n > 100,
+        "too few readings after the returns to measure: {n}"
+    );
     assert!(
         p95 <= 3000.0,
         "live p95 {p95:.0} ms after the link returned\n{}",
@@ -512,15 +599,38 @@ fn long_fat_link_drains_an_hour_near_the_ideal_time() {
         .filter(|(t, _)| **t as f64 >= live_from && (**t as f64) < end)
         .map(|(t, (at, _))| at - *t as f64)
         .collect();
+    let p50 = percentile(lat.clone(), 0.5);
     let p95 = percentile(lat, 0.95);
+    let connections = rig.proxy.connections();
+    bench_row(
+        "64 KiB/s, 600 ms, 1 h of backlog",
+        p50,
+        p95,
+        &format!("drained in {ratio:.2}x the ideal time"),
+        summary_number(&log, "resent_bytes=") as f64 / backlog_payload,
+        connections.saturating_sub(1),
+    );
     eprintln!(
         "64 KiB/s, 600 ms: {backlog_payload:.0} B of backlog ({backlog_bytes} B on disk) drained in {:.1} s, ideal {ideal:.1} s ({ratio:.2}x); live p95 {p95:.0} ms; {} connection(s)",
         drained.as_secs_f64(),
         rig.proxy.connections()
     );
-    assert!(ratio <= 1.3, "drain took {ratio:.2}x the ideal time\n{}", log_tail(&log));
-    assert!(p95 <= 3000.0, "live p95 {p95:.0} ms while draining\n{}", log_tail(&log));
-    assert_eq!(rig.proxy.connections(), 1, "reconnected on a working link\n{}", log_tail(&log));
+    assert!(
+        ratio <= 1.3,
+        "drain took {ratio:.2}x the ideal time\n{}",
+        log_tail(&log)
+    );
+    assert!(
+        p95 <= 3000.0,
+        "live p95 {p95:.0} ms while draining\n{}",
+        log_tail(&log)
+    );
+    assert_eq!(
+        rig.proxy.connections(),
+        1,
+        "reconnected on a working link\n{}",
+        log_tail(&log)
+    );
 }
 
 /// (d) A frozen broker behind a thin link is still found dead within `ack_timeout`, and
@@ -575,6 +685,11 @@ fn frozen_broker_is_detected_within_ack_timeout() {
     );
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log_tail(&log));
     let r = readings(&rig.telemetry());
-    assert_eq!(r.first.len(), 400, "every reading of the 40 s arrives\n{}", log_tail(&log));
+    assert_eq!(
+        r.first.len(),
+        400,
+        "every reading of the 40 s arrives\n{}",
+        log_tail(&log)
+    );
     assert!(rig.proxy.connections() >= 2, "the link was re-established");
 }

@@ -135,14 +135,17 @@ pub async fn run(
         config.delivery.max_publish_per_sec,
         config.delivery.max_bytes_per_sec.0,
     );
-    let mut sched = Scheduler::new(super::scheduler::Settings {
-        mode: config.batch.payload,
-        max_payload: config.batch.max_bytes.0 as usize,
-        max_inflight: settings.window,
-        // Fixed header, topic length, packet id; TLS adds its record header per flush.
-        overhead: settings.topic.len() + 9,
-        ack_timeout: m.ack_timeout.0,
-    });
+    let mut sched = Scheduler::new(
+        super::scheduler::Settings {
+            mode: config.batch.payload,
+            max_payload: config.batch.max_bytes.0 as usize,
+            max_inflight: settings.window,
+            // Fixed header, topic length, packet id; TLS adds its record header per flush.
+            overhead: settings.topic.len() + 9,
+            ack_timeout: m.ack_timeout.0,
+        },
+        Instant::now().into_std(),
+    );
 
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     let (resume_tx, resume_rx) = mpsc::channel(1);

@@ -127,10 +127,10 @@ const ENVELOPE_HEAD: &[u8] = b"{\"records\":[";
 const ENVELOPE_TAIL: &[u8] = b"]}";
 
 impl Scheduler {
-    pub fn new(s: Settings) -> Self {
+    pub fn new(s: Settings, now: Instant) -> Self {
         Self {
             s,
-            model: LinkModel::new(),
+            model: LinkModel::new(now),
             urgent: VecDeque::new(),
             status: None,
             live: VecDeque::new(),
@@ -239,7 +239,9 @@ impl Scheduler {
         }
         let empty = self.inflight.is_empty();
         let live_room = empty || self.inflight_bytes < self.model.live_window();
-        let backlog_room = empty || self.inflight_bytes < self.model.backlog_window();
+        // While a round-trip probe is due the backlog waits for an empty link.
+        let backlog_room = empty
+            || (self.inflight_bytes < self.model.backlog_window() && !self.model.probe_due(now));
         if live_room && let Some(c) = self.urgent.front() {
             let wire = c.payload.len() + c.to.topic.len() + 4;
             if !admit(wire) {
@@ -526,13 +528,16 @@ mod tests {
     }
 
     fn sched(mode: PayloadMode) -> Scheduler {
-        Scheduler::new(Settings {
-            mode,
-            max_payload: 128 * 1024,
-            max_inflight: 20,
-            overhead: 40,
-            ack_timeout: Duration::from_secs(30),
-        })
+        Scheduler::new(
+            Settings {
+                mode,
+                max_payload: 128 * 1024,
+                max_inflight: 20,
+                overhead: 40,
+                ack_timeout: Duration::from_secs(30),
+            },
+            Instant::now(),
+        )
     }
 
     fn yes(_: usize) -> bool {

@@ -205,7 +205,7 @@ impl Shared {
     }
 }
 
-/// A TCP proxy on 127.0.0.1 emulating a thin, delayed, flapping link.
+/// A TCP proxy (on 127.0.0.1 unless told otherwise) emulating a thin, delayed, flapping link.
 pub struct LinkProxy {
     port: u16,
     shared: Arc<Shared>,
@@ -215,7 +215,12 @@ pub struct LinkProxy {
 impl LinkProxy {
     /// Listens on 127.0.0.1:0 and forwards every accepted connection to 127.0.0.1:target_port.
     pub fn start(target_port: u16, spec: LinkSpec) -> LinkProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Self::start_on(Ipv4Addr::LOCALHOST, target_port, spec)
+    }
+
+    /// Listens on `addr` (an address of a test network, say) instead of 127.0.0.1.
+    pub fn start_on(addr: Ipv4Addr, target_port: u16, spec: LinkSpec) -> LinkProxy {
+        let listener = TcpListener::bind((addr, 0)).expect("bind the link emulator's listener");
         // Accepted sockets inherit the listener's buffer size from their SYN on.
         set_rcvbuf(listener.as_raw_fd());
         let port = listener.local_addr().expect("listener address").port();
