@@ -387,10 +387,31 @@ fn thin_link(rate: u64) {
         100.0 * spare_used,
         ctx()
     );
-    // The link model is visible in the status file.
+    // The link model is visible in the status file and `redline-agent status`.
     assert!(
         status.contains("\"rate_bytes_per_s\"") && status.contains("\"queued_bytes\""),
         "the status file shows no link figures:\n{status}"
+    );
+    let shown = support::run_agent(
+        &[
+            "status",
+            "--file",
+            rig.path("status.json").to_str().expect("utf-8 path"),
+        ],
+        Duration::from_secs(20),
+    );
+    let measured = shown
+        .stdout_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("measured "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no measured link rate in `status`:\n{}", shown.describe()));
+    // What the link model measured is what the emulated link carries, within a third.
+    assert!(
+        (0.66 * rate as f64..=1.5 * rate as f64).contains(&measured),
+        "`status` shows {measured} B/s on a {rate} B/s link:\n{}",
+        shown.stdout_text
     );
 }
 

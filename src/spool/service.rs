@@ -220,7 +220,14 @@ impl Service {
                     }
                 }
                 Ok(Cmd::Wake) => {}
-                Ok(Cmd::UpstreamDone) => self.upstream_open = false,
+                Ok(Cmd::UpstreamDone) => {
+                    self.upstream_open = false;
+                    // No new batch will come: closing the live channel (once the memory
+                    // buffer is handed out) tells the publisher the last one is in.
+                    if self.memory.is_empty() {
+                        self.live_tx = None;
+                    }
+                }
                 Ok(Cmd::BootOffset { boot_id, offset }) => {
                     if let Err(e) = self.boots.set(boot_id, offset) {
                         tracing::warn!("spool: cannot record the clock offset of this boot: {e}");

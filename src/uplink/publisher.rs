@@ -196,16 +196,21 @@ pub async fn run(
             break;
         }
         if hard_deadline.is_none() && stop.is_cancelled() {
+            // A stop: the batches still coming (the one closed at the stop) go out, the
+            // backlog stays in the spool for the next start.
             hard_deadline = Some(Instant::now() + settings.shutdown_timeout);
+            sched.hold_backlog();
+        }
+        if hard_deadline.is_some() && live_done && sched.live_settled() {
+            break;
         }
         let deadline = match (hard_deadline, upstream_done.is_cancelled()) {
             (Some(d), _) => Some(d),
             (None, true) => Some(last_progress + settings.shutdown_timeout),
             (None, false) => None,
         };
-        let open = hard_deadline.is_none();
-        let want_live = open && sched.live_queued() < LIVE_HELD;
-        let want_backlog = open && sched.wants_backlog();
+        let want_live = sched.live_queued() < LIVE_HELD;
+        let want_backlog = hard_deadline.is_none() && sched.wants_backlog();
         tokio::select! {
             biased;
             ev = link_rx.recv() => match ev {

@@ -117,6 +117,8 @@ pub struct Scheduler {
     next_order: u64,
     newest_acked: Option<u64>,
     last_ack_at: Option<Instant>,
+    /// Set at a stop: the backlog stays where it is.
+    backlog_held: bool,
     /// Payload bytes of batches sent a second time.
     pub resent_bytes: u64,
     /// Messages in flight at a disconnect.
@@ -142,9 +144,20 @@ impl Scheduler {
             next_order: 0,
             newest_acked: None,
             last_ack_at: None,
+            backlog_held: false,
             resent_bytes: 0,
             requeued_messages: 0,
         }
+    }
+
+    /// No more backlog is handed over (a stop: it stays in the spool).
+    pub fn hold_backlog(&mut self) {
+        self.backlog_held = true;
+    }
+
+    /// Nothing live waits or is in flight (backlog still queued does not count).
+    pub fn live_settled(&self) -> bool {
+        self.live.is_empty() && self.inflight.is_empty() && self.urgent.is_empty()
     }
 
     fn units_of(&mut self, b: &Batch) -> Vec<Unit> {
@@ -261,7 +274,7 @@ impl Scheduler {
             let c = self.status.take()?;
             return Some(self.launch(now, Lane::Live, Vec::new(), Some(c), wire));
         }
-        if backlog_room && !self.backlog.is_empty() {
+        if backlog_room && !self.backlog_held && !self.backlog.is_empty() {
             return self.launch_units(now, Lane::Backlog, admit);
         }
         None
