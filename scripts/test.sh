@@ -9,6 +9,8 @@ need_pkgs=()
 command -v mosquitto >/dev/null || need_pkgs+=(mosquitto)
 command -v mosquitto_sub >/dev/null || need_pkgs+=(mosquitto-clients)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
+# iproute2: tests/uplink_netlink.rs puts the agent in a network namespace behind a veth pair.
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 # libfaketime: tests/clock_real.rs sets the agent's wall clock before the build date.
 compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || need_pkgs+=(faketime)
 if [ ${#need_pkgs[@]} -gt 0 ]; then

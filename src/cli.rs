@@ -202,7 +202,9 @@ pub enum SerialFormat {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("expected a duration such as `30s`: {e}"))
+    // humantime's own message names a character position, which helps no one here.
+    humantime::parse_duration(s)
+        .map_err(|_| format!("expected a duration such as `30s`, `2m` or `1h30m`, got {s:?}"))
 }
 
 fn parse_start(s: &str) -> Result<i64, String> {
@@ -416,6 +418,7 @@ fn execute_with(
         config.vehicle.session_id.clone()
     };
     let stats = Arc::new(Stats::new(config.field_names()));
+    let payload = config.batch.payload;
     tracing::info!(
         "redline-agent {} starting: vehicle {}, session {session_id}, config {}, {} to {}",
         env!("CARGO_PKG_VERSION"),
@@ -479,9 +482,11 @@ fn execute_with(
     });
     match result {
         Ok(summary) => {
-            tracing::info!("summary: {}", stats.line());
             if sink == Sink::Mqtt {
+                tracing::info!("summary: {}", stats.line());
                 tracing::info!("summary: {}", spool_stats.line());
+            } else {
+                tracing::info!("summary: {}", stats.printed_line(payload));
             }
             if summary.unacked_batches > 0 {
                 tracing::warn!(

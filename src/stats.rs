@@ -131,6 +131,24 @@ impl Stats {
         &self.field_names
     }
 
+    /// The summary of a run that printed its messages instead of publishing them.
+    pub fn printed_line(&self, mode: crate::config::PayloadMode) -> String {
+        let g = Self::get;
+        let printed = match mode {
+            crate::config::PayloadMode::Records => g(&self.batches),
+            crate::config::PayloadMode::Single => g(&self.readings),
+        };
+        let mut s = format!(
+            "readings={} ticks_missed={} batches={} printed_messages={printed} dropped_readings={}",
+            g(&self.readings),
+            g(&self.ticks_missed),
+            g(&self.batches),
+            g(&self.readings_dropped),
+        );
+        s.push_str(&self.input_tail());
+        s
+    }
+
     /// One line with every counter, for the log.
     pub fn line(&self) -> String {
         let g = Self::get;
@@ -153,6 +171,14 @@ impl Stats {
             g(&self.link_rtt_ms),
             g(&self.readings_dropped),
         );
+        s.push_str(&self.input_tail());
+        s
+    }
+
+    /// Nulls, input lines and frames, rejected input: the part of a summary about the source.
+    fn input_tail(&self) -> String {
+        let g = Self::get;
+        let mut s = String::new();
         let mut nulls = String::new();
         for (i, name) in self.field_names.iter().enumerate() {
             for reason in NullReason::ALL {

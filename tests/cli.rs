@@ -156,6 +156,30 @@ fn simulate_stdout_without_config() {
     let sessions: std::collections::BTreeSet<&str> =
         records.iter().map(|r| r.session_id.as_str()).collect();
     assert_eq!(sessions.len(), 1, "one run, one session id: {sessions:?}");
+    // The summary says what was printed, not `published=0`.
+    let summary = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("summary:"))
+        .unwrap_or_else(|| panic!("no summary\n{}", out.describe()));
+    let lines = out.stdout_text.lines().count();
+    assert!(
+        summary.contains(&format!("printed_messages={lines} ")) && !summary.contains("published="),
+        "the summary of a stdout run: {summary}"
+    );
+}
+
+#[test]
+fn a_bad_duration_says_what_is_expected_without_parser_positions() {
+    let out = run_agent(&["simulate", "--duration", "banana"], QUICK);
+    assert_exit(&out, 2, "simulate --duration banana");
+    assert!(
+        out.stderr.contains("expected a duration such as `30s`")
+            && out.stderr.contains("\"banana\"")
+            && !out.stderr.contains(" at 0"),
+        "{}",
+        out.describe()
+    );
 }
 
 fn simulate_with_config(config: &Path, seed: &str, speed: &str) -> Finished {
