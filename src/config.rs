@@ -896,7 +896,7 @@ impl Config {
                 ),
             );
         }
-        if let Err(msg) = expand_topic(&m.topic, &self.vehicle.id) {
+        if let Err(msg) = telemetry_topic(&m.topic, &self.vehicle.id) {
             return e("mqtt.topic", msg);
         }
         let ka = m.keep_alive.0;
@@ -995,7 +995,7 @@ impl Config {
     /// The topic with its placeholders filled in. Valid after `validate`.
     pub fn topic(&self) -> Option<String> {
         let m = self.mqtt.as_ref()?;
-        expand_topic(&m.topic, &self.vehicle.id).ok()
+        telemetry_topic(&m.topic, &self.vehicle.id).ok()
     }
 
     pub fn field_names(&self) -> Vec<String> {
@@ -1035,6 +1035,53 @@ pub fn expand_topic(template: &str, vehicle_id: &str) -> Result<String, String> 
         ));
     }
     Ok(out)
+}
+
+/// AWS IoT Basic Ingest: publishing to `$aws/rules/RULE/…` hands the message straight to
+/// the rule, without the message broker (and its cost).
+pub const BASIC_INGEST_PREFIX: &str = "$aws/rules/";
+
+/// The telemetry topic: a normal topic, or a Basic Ingest one
+/// (`$aws/rules/RULE_NAME/redline/telemetry/{vehicle_id}`). Either must fit AWS IoT's
+/// limits: at most 256 bytes and 7 slashes (after the Basic Ingest prefix and rule name).
+pub fn telemetry_topic(template: &str, vehicle_id: &str) -> Result<String, String> {
+    let (prefix, rest) = match template.strip_prefix(BASIC_INGEST_PREFIX) {
+        Some(after) => {
+            let (rule, rest) = after.split_once('/').ok_or_else(|| {
+                format!("{template:?}: Basic Ingest needs `$aws/rules/RULE_NAME/TOPIC`")
+            })?;
+            if rule.is_empty() || !rule.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "{template:?}: the rule name {rule:?} may hold only letters, digits and `_`"
+                ));
+            }
+            (
+                &template[..BASIC_INGEST_PREFIX.len() + rule.len() + 1],
+                rest,
+            )
+        }
+        None => ("", template),
+    };
+    let topic = expand_topic(rest, vehicle_id)?;
+    let slashes = topic.matches('/').count();
+    if slashes > 7 {
+        return Err(format!(
+            "{template:?} has {slashes} `/` (AWS IoT allows 7{})",
+            if prefix.is_empty() {
+                ""
+            } else {
+                " after the Basic Ingest prefix"
+            }
+        ));
+    }
+    let full = format!("{prefix}{topic}");
+    if full.len() > 256 {
+        return Err(format!(
+            "{template:?} is {} bytes once filled in (AWS IoT allows 256)",
+            full.len()
+        ));
+    }
+    Ok(full)
 }
 
 /// `"Message.Signal"` → `("Message", "Signal")`.
@@ -1142,6 +1189,29 @@ mod tests {
         );
         assert!(expand_topic("x/{vehicle_id", "GT3").is_err());
         assert!(expand_topic("x/+", "GT3").is_err());
+        assert_eq!(
+            telemetry_topic(
+                "$aws/rules/redline_telemetry/redline/telemetry/{vehicle_id}",
+                "GT3"
+            )
+            .as_deref(),
+            Ok("$aws/rules/redline_telemetry/redline/telemetry/GT3")
+        );
+        assert!(telemetry_topic("$aws/rules/bad-name/x", "GT3").is_err());
+        assert!(telemetry_topic("$aws/rules/rule", "GT3").is_err());
+        assert!(
+            telemetry_topic("$aws/things/x", "GT3").is_err(),
+            "other $ topics stay reserved"
+        );
+        assert!(
+            telemetry_topic("a/b/c/d/e/f/g/h/i", "GT3").is_err(),
+            "8 slashes"
+        );
+        assert!(
+            telemetry_topic("$aws/rules/r/a/b/c/d/e/f/g/h", "GT3").is_ok(),
+            "7 after the prefix"
+        );
+        assert!(telemetry_topic(&"x".repeat(257), "GT3").is_err());
     }
 
     #[test]
