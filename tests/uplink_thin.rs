@@ -86,6 +86,18 @@ impl Rig {
         path
     }
 
+    /// The agent's config through the link emulator, as on the car (AWS's byte rate limit).
+    fn through_link(&self, ack_timeout: &'static str) -> PathBuf {
+        self.config(
+            "agent.toml",
+            &Knobs {
+                port: self.proxy.port(),
+                ack_timeout,
+                max_bytes_per_sec: "256KiB",
+            },
+        )
+    }
+
     /// Fills the spool with `minutes` of readings that end now, sampled while no broker
     /// could be reached.
     fn backlog(&self, minutes: u64) -> i64 {
@@ -291,14 +303,7 @@ fn thin_link(rate: u64) {
         jitter: Duration::from_millis(10),
     });
     let backlog_start = rig.backlog(30);
-    let config = rig.config(
-        "agent.toml",
-        &Knobs {
-            port: rig.proxy.port(),
-            ack_timeout: "30s",
-            max_bytes_per_sec: "256KiB",
-        },
-    );
+    let config = rig.through_link("30s");
     let live_from = now_epoch_ms();
     let started = Instant::now();
     let mut agent = rig.live_agent(&config, &format!("{}s", RUN_S + 30));
@@ -425,14 +430,7 @@ fn laps_every_reading_arrives_and_live_resumes_at_once() {
         delay: Duration::from_millis(40),
         jitter: Duration::from_millis(10),
     });
-    let config = rig.config(
-        "agent.toml",
-        &Knobs {
-            port: rig.proxy.port(),
-            ack_timeout: "30s",
-            max_bytes_per_sec: "256KiB",
-        },
-    );
+    let config = rig.through_link("30s");
     let live_from = now_epoch_ms();
     let started = Instant::now();
     const LAPS: u64 = 3;
@@ -567,14 +565,7 @@ fn long_fat_link_drains_an_hour_near_the_ideal_time() {
     });
     let backlog_start = rig.backlog(60);
     let backlog_bytes = support::spool::segment_bytes(&rig.path("spool"));
-    let config = rig.config(
-        "agent.toml",
-        &Knobs {
-            port: rig.proxy.port(),
-            ack_timeout: "30s",
-            max_bytes_per_sec: "256KiB",
-        },
-    );
+    let config = rig.through_link("30s");
     let live_from = now_epoch_ms();
     let started = Instant::now();
     let mut agent = rig.live_agent(&config, "400s");
@@ -664,14 +655,7 @@ fn frozen_broker_is_detected_within_ack_timeout() {
         delay: Duration::from_millis(40),
         jitter: Duration::ZERO,
     });
-    let config = rig.config(
-        "agent.toml",
-        &Knobs {
-            port: rig.proxy.port(),
-            ack_timeout: "5s",
-            max_bytes_per_sec: "256KiB",
-        },
-    );
+    let config = rig.through_link("5s");
     let started = Instant::now();
     let mut agent = rig.live_agent(&config, "40s");
     sleep_until(started + Duration::from_secs(10));
