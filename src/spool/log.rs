@@ -42,6 +42,15 @@ pub struct Losses {
     pub corrupt_cuts: u64,
 }
 
+/// Read errors met on segment files: retried, and never taken for damage.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReadIo {
+    /// Reads tried again after an I/O error.
+    pub retries: u64,
+    /// Reads that still failed after every retry (reported as an error, nothing cut).
+    pub failures: u64,
+}
+
 /// What was dropped at the size cap, for the log line.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Dropped {
@@ -51,11 +60,56 @@ pub struct Dropped {
     pub last_at: Option<i64>,
 }
 
+/// A segment file whose reads pass the test seam for injected I/O errors.
+struct Hooked {
+    file: File,
+    #[cfg(any(test, feature = "test-hooks"))]
+    path: PathBuf,
+    #[cfg(any(test, feature = "test-hooks"))]
+    pos: u64,
+}
+
+impl Hooked {
+    fn open(path: &Path) -> io::Result<Hooked> {
+        Ok(Hooked {
+            file: File::open(path)?,
+            #[cfg(any(test, feature = "test-hooks"))]
+            path: path.to_path_buf(),
+            #[cfg(any(test, feature = "test-hooks"))]
+            pos: 0,
+        })
+    }
+}
+
+impl Read for Hooked {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(any(test, feature = "test-hooks"))]
+        super::fault::check(&self.path, self.pos, buf.len())?;
+        let n = self.file.read(buf)?;
+        #[cfg(any(test, feature = "test-hooks"))]
+        {
+            self.pos += n as u64;
+        }
+        Ok(n)
+    }
+}
+
+impl Seek for Hooked {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let p = self.file.seek(to)?;
+        #[cfg(any(test, feature = "test-hooks"))]
+        {
+            self.pos = p;
+        }
+        Ok(p)
+    }
+}
+
 struct Cursor {
     /// Index into `segments` (by first seq, since segments come and go).
     seg_first: u64,
     offset: u64,
-    reader: Option<BufReader<File>>,
+    reader: Option<BufReader<Hooked>>,
     /// Every seq below this has been read past (handed out, acknowledged or absent).
     floor: u64,
 }
@@ -230,7 +284,7 @@ impl SpoolLog {
         let Some(last) = self.segments.back().cloned() else {
             return self.start_segment(self.next_seq.max(self.base));
         };
-        let mut r = BufReader::new(File::open(&last.path)?);
+        let mut r = BufReader::new(Hooked::open(&last.path)?);
         let mut magic = [0u8; 8];
         let magic_ok = r.read_exact(&mut magic).is_ok() && &magic == MAGIC;
         let mut good_end = SEG_HEAD;
@@ -531,7 +585,7 @@ impl SpoolLog {
                 continue;
             }
             if self.cursor.reader.is_none() {
-                let mut f = File::open(&seg.path)?;
+                let mut f = Hooked::open(&seg.path)?;
                 f.seek(SeekFrom::Start(self.cursor.offset))?;
                 self.cursor.reader = Some(BufReader::with_capacity(64 * 1024, f));
             }
@@ -619,6 +673,15 @@ impl SpoolLog {
 
     pub fn bytes(&self) -> u64 {
         self.total_bytes()
+    }
+
+    /// Bytes of the segment files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.total_bytes()
+    }
+
+    pub fn read_io(&self) -> ReadIo {
+        ReadIo::default()
     }
 
     pub fn segments(&self) -> usize {

@@ -3,6 +3,8 @@
 
 mod acks;
 pub mod boots;
+#[cfg(any(test, feature = "test-hooks"))]
+pub mod fault;
 pub mod frame;
 pub mod inspect;
 pub mod log;
