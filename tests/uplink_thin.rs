@@ -74,7 +74,7 @@ impl Rig {
             toml_path(&self.path("spool"))
         ));
         s.push_str(&format!(
-            "\n[delivery]\nshutdown_timeout = \"2s\"\nmax_publish_per_sec = 50\nmax_bytes_per_sec = \"{}\"\n",
+            "\n[delivery]\nshutdown_timeout = \"15s\"\nmax_publish_per_sec = 50\nmax_bytes_per_sec = \"{}\"\n",
             k.max_bytes_per_sec
         ));
         s.push_str(&format!(

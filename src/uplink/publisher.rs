@@ -216,6 +216,8 @@ pub async fn run(
             ev = link_rx.recv() => match ev {
                 Some(LinkEvent::Connected) => {
                     connected = true;
+                    // A link back is progress: a finished run gets its full wait again.
+                    last_progress = Instant::now();
                     sched.on_connect(Instant::now().into_std());
                     if ever_connected {
                         Stats::add(&stats.reconnects, 1);
