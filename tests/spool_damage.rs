@@ -545,7 +545,7 @@ fn the_boots_rename_is_followed_by_a_directory_sync() {
     let fd = lines[rename..]
         .iter()
         .find_map(|l| {
-            let l = l.split_once(' ').map_or(*l, |(_, rest)| rest);
+            let l = l.split_once(" ").map_or(*l, |(_, rest)| rest).trim_start();
             (l.starts_with("openat(") && l.contains(&format!("\"{dir_s}\"")))
                 .then(|| l.rsplit("= ").next()?.trim().parse::<i32>().ok())
                 .flatten()
@@ -629,13 +629,29 @@ mod read_errors {
         assert_eq!(log.losses.corrupt_cuts, 0, "a read error is not damage");
         assert_eq!(log.read_io().failures, 1, "the failed read is counted");
         assert!(log.read_io().retries >= 3, "retried before giving up");
-        // Again, while the card still fails: still an error, nothing cut.
+        // Again, while the card still fails: still an error, nothing cut (and no new read
+        // for a while: the backlog pauses after a read error).
         assert!(log.next_backlog().is_err());
-        // The card recovers: the backlog resumes where it stopped.
+        assert_eq!(log.read_io().failures, 1, "no read during the pause");
+        // The card recovers: the backlog resumes where it stopped, after the pause.
         fault::clear();
-        while let Some(b) = log.next_backlog().expect("read") {
-            got.extend(readings(&b));
+        let t0 = std::time::Instant::now();
+        loop {
+            match log.next_backlog() {
+                Ok(Some(b)) => got.extend(readings(&b)),
+                Ok(None) => break,
+                Err(e) if t0.elapsed() < std::time::Duration::from_secs(10) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("the backlog does not resume: {e}"),
+            }
         }
+        let pause = t0.elapsed();
+        assert!(
+            pause < std::time::Duration::from_secs(3),
+            "resumed after {pause:?}"
+        );
         assert_eq!(got, all, "every reading once the card answers again");
         assert_eq!(log.losses.corrupt_cuts, 0);
         drop(log);

@@ -1,9 +1,11 @@
 //! Property tests of the spool log on a real filesystem: random sequences of append,
-//! hand-out, acknowledge, restart and torn tails keep the delivery guarantee.
+//! hand-out, acknowledge, restart, torn tails and flipped bytes keep the delivery guarantee,
+//! and a flipped byte anywhere in any segment costs at most the frame that holds it
+//! (resynchronisation on the next valid frame).
 
 use proptest::prelude::*;
 use redline_agent::batch::Batch;
-use redline_agent::spool::frame::{self, HEADER};
+use redline_agent::spool::frame::{self, HEADER, Version};
 use redline_agent::spool::{Options, SpoolLog};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -16,6 +18,8 @@ enum Op {
     Sync,
     Restart,
     TearTail(u16),
+    /// Flips one byte: (which segment, which byte, with the log closed and reopened).
+    Flip(u16, u32, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -26,6 +30,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Sync),
         1 => Just(Op::Restart),
         1 => any::<u16>().prop_map(Op::TearTail),
+        2 => (any::<u16>(), any::<u32>(), any::<bool>()).prop_map(|(s, b, r)| Op::Flip(s, b, r)),
     ]
 }
 
@@ -57,34 +62,88 @@ fn opts(dir: &Path) -> Options {
     }
 }
 
-/// The (seq, end offset) of every whole frame in a segment file.
-fn frames(path: &Path) -> Vec<(u64, u64)> {
+/// A frame of a segment file, by the documented v2 layout: `[at, end)`, and its seq (`None`
+/// for a hole). Damage is skipped up to the next valid frame, as a reader does.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    at: u64,
+    end: u64,
+    seq: Option<u64>,
+}
+
+fn frame_at(bytes: &[u8], at: usize) -> Option<Frame> {
+    let h = frame::header(Version::V2, bytes.get(at..at + HEADER)?)?;
+    let end = at + HEADER + h.len;
+    let payload = bytes.get(at + HEADER..end)?;
+    if !h.is_hole() && !h.verify(payload) {
+        return None;
+    }
+    Some(Frame {
+        at: at as u64,
+        end: end as u64,
+        seq: (!h.is_hole()).then_some(h.seq),
+    })
+}
+
+fn frames(path: &Path) -> Vec<Frame> {
     let bytes = std::fs::read(path).unwrap_or_default();
     let mut at = 8usize;
     let mut out = Vec::new();
-    while at + HEADER <= bytes.len() {
-        let Some(h) = frame::header(bytes[at..at + HEADER].try_into().expect("16 bytes")) else {
-            break;
-        };
-        let end = at + HEADER + h.len;
-        if end > bytes.len() || !h.verify(&bytes[at + HEADER..end]) {
-            break;
+    while at < bytes.len() {
+        match frame_at(&bytes, at) {
+            Some(f) => {
+                out.push(f);
+                at = f.end as usize;
+            }
+            None => at += 1,
         }
-        out.push((h.seq, end as u64));
-        at = end;
     }
     out
 }
 
-fn last_segment(dir: &Path) -> Option<std::path::PathBuf> {
+fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+                .collect()
+        })
+        .unwrap_or_default();
     segs.sort();
-    segs.pop()
+    segs
+}
+
+/// Flips one byte of one segment in place; the seq of the frame that held it (if any) may be
+/// lost. Returns 1 if a byte was flipped.
+fn flip(dir: &Path, which: u16, byte: u32, lost: &mut BTreeSet<u64>) -> u64 {
+    let segs = segment_files(dir);
+    if segs.is_empty() {
+        return 0;
+    }
+    let seg = &segs[usize::from(which) % segs.len()];
+    let bytes = std::fs::read(seg).expect("read");
+    if bytes.is_empty() {
+        return 0;
+    }
+    let pos = byte as usize % bytes.len();
+    if let Some(seq) = frames(seg)
+        .iter()
+        .find(|f| f.at <= pos as u64 && (pos as u64) < f.end)
+        .and_then(|f| f.seq)
+    {
+        lost.insert(seq);
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(seg)
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[bytes[pos] ^ 0x5a], pos as u64).expect("flip");
+    1
+}
+
+fn last_segment(dir: &Path) -> Option<std::path::PathBuf> {
+    segment_files(dir).pop()
 }
 
 proptest! {
@@ -100,6 +159,9 @@ proptest! {
         let mut out: BTreeSet<u64> = BTreeSet::new();
         let mut read_since_start: Vec<u64> = Vec::new();
         let mut tag = 0u64;
+        // Damage the log counted (over every reopen), and the damage done to it.
+        let mut cuts = 0u64;
+        let mut damage_done = 0u64;
         for op in ops {
             match op {
                 Op::Append(n) => {
@@ -137,19 +199,22 @@ proptest! {
                 }
                 Op::Sync => log.sync().expect("sync"),
                 Op::Restart => {
+                    cuts += log.losses.corrupt_cuts;
                     drop(log);
                     log = SpoolLog::open(opts(dir.path())).expect("reopen");
                     out.clear();
                     read_since_start.clear();
                 }
                 Op::TearTail(k) => {
+                    cuts += log.losses.corrupt_cuts;
                     drop(log);
                     if let Some(seg) = last_segment(dir.path()) {
                         let len = std::fs::metadata(&seg).expect("meta").len();
                         let cut = u64::from(k) % (len + 1);
                         let new_len = len - cut;
-                        for (seq, end) in frames(&seg) {
-                            if end > new_len {
+                        damage_done += u64::from(cut > 0);
+                        for f in frames(&seg) {
+                            if let (Some(seq), true) = (f.seq, f.end > new_len) {
                                 lost.insert(seq);
                             }
                         }
@@ -159,6 +224,20 @@ proptest! {
                     log = SpoolLog::open(opts(dir.path())).expect("reopen after tear");
                     out.clear();
                     read_since_start.clear();
+                }
+                Op::Flip(which, byte, reopen) => {
+                    if reopen {
+                        cuts += log.losses.corrupt_cuts;
+                        drop(log);
+                        damage_done += flip(dir.path(), which, byte, &mut lost);
+                        log = SpoolLog::open(opts(dir.path())).expect("reopen after a flip");
+                        out.clear();
+                        read_since_start.clear();
+                    } else {
+                        // On the file under a running log, as a bit flip on the card.
+                        log.sync().expect("sync");
+                        damage_done += flip(dir.path(), which, byte, &mut lost);
+                    }
                 }
             }
         }
@@ -175,6 +254,9 @@ proptest! {
             .collect();
         let missing: Vec<_> = expected.difference(&out).collect();
         prop_assert!(missing.is_empty(), "never delivered: {:?}", missing);
+        // Each piece of damage is counted once at most (holes are not counted again).
+        cuts += log.losses.corrupt_cuts;
+        prop_assert!(cuts <= damage_done, "{} damage counts for {} damages", cuts, damage_done);
         // Acknowledging everything empties the log down to the segment being written.
         for seq in out.clone() {
             log.ack(seq).expect("ack");

@@ -2,9 +2,10 @@
 //! card, or a stopped daemon).
 
 use super::acks;
-use super::frame::{self, HEADER};
-use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use super::frame::{self, SEG_HEAD, Version};
+use super::segment::{Item, Magic, Read, ReadIo, SegmentReader};
+use std::fs;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -15,12 +16,19 @@ pub struct Report {
     pub unacked_readings: u64,
     pub oldest_ms: Option<i64>,
     pub newest_ms: Option<i64>,
-    /// Damaged frames met while reading (the daemon cuts them at its next start).
+    /// Segments with damage (the daemon deals with it when it reads them: cut, or marked as
+    /// a hole so that it is counted once). The frames after damage are still read.
     pub damaged_segments: u64,
-    /// Copies of cut segments kept under `corrupt/`.
+    /// The damaged bytes met.
+    pub damaged_bytes: u64,
+    /// Segments in the old format (`RDLSEG01`), read as they are.
+    pub old_format_segments: u64,
+    /// Copies of damaged segments kept under `corrupt/`.
     pub corrupt_copies: usize,
     /// Unacknowledged batches stamped on a boot clock whose offset to UTC is not known.
     pub boot_clock_batches: u64,
+    /// Reads retried after an I/O error.
+    pub read_retries: u64,
 }
 
 fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -33,7 +41,8 @@ fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(segs)
 }
 
-/// Calls `each` with every unacknowledged batch's payload, oldest first.
+/// Calls `each` with every unacknowledged batch's payload, oldest first. A read error that
+/// outlasts its retries is returned (it is not damage).
 fn walk(
     dir: &Path,
     report: &mut Report,
@@ -41,48 +50,57 @@ fn walk(
 ) -> io::Result<()> {
     let state = acks::read_state(dir)?;
     let offsets = super::boots::read(&dir.join("boots"));
+    let mut io_stats = ReadIo::default();
+    let mut payload = Vec::new();
     for path in segments(dir)? {
         report.segments += 1;
-        report.bytes += fs::metadata(&path)?.len();
-        let mut r = BufReader::new(File::open(&path)?);
-        let mut magic = [0u8; 8];
-        if r.read_exact(&mut magic).is_err() || &magic != b"RDLSEG01" {
-            report.damaged_segments += 1;
-            continue;
-        }
-        let mut head = [0u8; HEADER];
-        let mut payload = Vec::new();
-        loop {
-            match r.read_exact(&mut head) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(e),
-            }
-            let Some(h) = frame::header(&head) else {
-                report.damaged_segments += 1;
-                break;
-            };
-            payload.resize(h.len, 0);
-            if r.read_exact(&mut payload).is_err() || !h.verify(&payload) {
-                report.damaged_segments += 1;
-                break;
-            }
-            if h.seq < state.base || state.above.contains(&h.seq) {
+        let len = fs::metadata(&path)?.len();
+        report.bytes += len;
+        let mut r = SegmentReader::open(&path, len, &mut io_stats)?;
+        let mut damaged = match r.magic() {
+            Magic::Good => false,
+            Magic::Damaged => true,
+            Magic::Short => {
+                report.damaged_segments += u64::from(len > 0);
                 continue;
             }
-            if frame::boot(&payload).is_some_and(|id| !offsets.contains_key(&id)) {
-                report.boot_clock_batches += 1;
-            }
-            if let Some((n, first, last)) = frame::summary(&payload) {
-                report.unacked_batches += 1;
-                report.unacked_readings += n as u64;
-                let (first, last) = (first.div_euclid(1000), last.div_euclid(1000));
-                report.oldest_ms = Some(report.oldest_ms.map_or(first, |o| o.min(first)));
-                report.newest_ms = Some(report.newest_ms.map_or(last, |o| o.max(last)));
-            }
-            each(h.seq, &payload)?;
+        };
+        if r.version() == Version::V1 {
+            report.old_format_segments += 1;
         }
+        let mut at = SEG_HEAD;
+        loop {
+            match r.next(at, len, &mut payload, Read::Full, &mut io_stats)? {
+                Item::End => break,
+                Item::Hole { end, .. } => at = end,
+                Item::Damage { at: bad, end, .. } => {
+                    damaged = true;
+                    report.damaged_bytes += end - bad;
+                    at = end;
+                }
+                Item::Frame { end, header, .. } => {
+                    at = end;
+                    let seq = header.seq;
+                    if seq < state.base || state.above.contains(&seq) {
+                        continue;
+                    }
+                    if frame::boot(&payload).is_some_and(|id| !offsets.contains_key(&id)) {
+                        report.boot_clock_batches += 1;
+                    }
+                    if let Some((n, first, last)) = frame::summary(&payload) {
+                        report.unacked_batches += 1;
+                        report.unacked_readings += n as u64;
+                        let (first, last) = (first.div_euclid(1000), last.div_euclid(1000));
+                        report.oldest_ms = Some(report.oldest_ms.map_or(first, |o| o.min(first)));
+                        report.newest_ms = Some(report.newest_ms.map_or(last, |o| o.max(last)));
+                    }
+                    each(seq, &payload)?;
+                }
+            }
+        }
+        report.damaged_segments += u64::from(damaged);
     }
+    report.read_retries = io_stats.retries;
     report.corrupt_copies = fs::read_dir(dir.join("corrupt")).map_or(0, |d| d.count());
     Ok(())
 }

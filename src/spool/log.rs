@@ -4,18 +4,33 @@
 //! Start-up reads the ack file and scans only the newest segment (to find where writing
 //! resumes and to cut a torn tail); older segments are read lazily by the cursor, checked
 //! frame by frame as they go out. Nothing acknowledged is scanned again.
+//!
+//! Every read of a segment goes through `segment::SegmentReader`. Damage (a framing or CRC
+//! failure) is dealt with once, where it is met: a copy of the segment is kept under
+//! `corrupt/`, the damaged bytes are counted, and they are either cut (damage that runs to
+//! the end of the segment, or any damage in an old-format segment) or marked in place as a
+//! hole (damage followed by a valid frame), so that no later reader counts them again. A
+//! read error is not damage: it is retried, and then reported as an error with nothing cut.
 
 use super::acks::{AckFile, sync_dir};
-use super::frame::{self, HEADER};
+use super::frame::{self, HEADER, SEG_HEAD, Version};
+use super::segment::{Item, Magic, Read, SegmentReader};
 use crate::batch::Batch;
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-const MAGIC: &[u8; 8] = b"RDLSEG01";
-const SEG_HEAD: u64 = MAGIC.len() as u64;
+pub use super::segment::ReadIo;
+
 const CORRUPT_KEEP: usize = 8;
+/// After a read that failed through its retries, the backlog is not read again for this
+/// long (doubled at every new failure, up to `STALL_MAX`): a dead card is not hammered, and
+/// the spool thread does not sleep in retries at every turn.
+const STALL_FIRST: Duration = Duration::from_secs(1);
+const STALL_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -37,18 +52,11 @@ pub struct Losses {
     /// Readings in segments dropped at the size cap, never acknowledged.
     pub cap_readings: u64,
     pub cap_batches: u64,
-    /// Bytes cut after a damaged frame (torn tail, bit flip), and how many times.
+    /// Damaged bytes (torn tail, bit flip, zeros) cut off or skipped, and how many times.
     pub corrupt_bytes: u64,
     pub corrupt_cuts: u64,
-}
-
-/// Read errors met on segment files: retried, and never taken for damage.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ReadIo {
-    /// Reads tried again after an I/O error.
-    pub retries: u64,
-    /// Reads that still failed after every retry (reported as an error, nothing cut).
-    pub failures: u64,
+    /// Frames those damaged bytes held (at least: the sync markers seen in them).
+    pub corrupt_frames: u64,
 }
 
 /// What was dropped at the size cap, for the log line.
@@ -60,48 +68,16 @@ pub struct Dropped {
     pub last_at: Option<i64>,
 }
 
-/// A segment file whose reads pass the test seam for injected I/O errors.
-struct Hooked {
-    file: File,
-    #[cfg(any(test, feature = "test-hooks"))]
-    path: PathBuf,
-    #[cfg(any(test, feature = "test-hooks"))]
-    pos: u64,
-}
-
-impl Hooked {
-    fn open(path: &Path) -> io::Result<Hooked> {
-        Ok(Hooked {
-            file: File::open(path)?,
-            #[cfg(any(test, feature = "test-hooks"))]
-            path: path.to_path_buf(),
-            #[cfg(any(test, feature = "test-hooks"))]
-            pos: 0,
-        })
-    }
-}
-
-impl Read for Hooked {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        #[cfg(any(test, feature = "test-hooks"))]
-        super::fault::check(&self.path, self.pos, buf.len())?;
-        let n = self.file.read(buf)?;
-        #[cfg(any(test, feature = "test-hooks"))]
-        {
-            self.pos += n as u64;
+impl Dropped {
+    fn add(&mut self, o: &Dropped) {
+        self.readings += o.readings;
+        self.batches += o.batches;
+        if let Some(t) = o.first_at {
+            self.first_at = Some(self.first_at.map_or(t, |m| m.min(t)));
         }
-        Ok(n)
-    }
-}
-
-impl Seek for Hooked {
-    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let p = self.file.seek(to)?;
-        #[cfg(any(test, feature = "test-hooks"))]
-        {
-            self.pos = p;
+        if let Some(t) = o.last_at {
+            self.last_at = Some(self.last_at.map_or(t, |m| m.max(t)));
         }
-        Ok(p)
     }
 }
 
@@ -109,9 +85,27 @@ struct Cursor {
     /// Index into `segments` (by first seq, since segments come and go).
     seg_first: u64,
     offset: u64,
-    reader: Option<BufReader<Hooked>>,
+    reader: Option<SegmentReader>,
     /// Every seq below this has been read past (handed out, acknowledged or absent).
     floor: u64,
+}
+
+/// The backlog could not be read (an I/O error that outlasted its retries).
+struct Stall {
+    until: Instant,
+    wait: Duration,
+    kind: io::ErrorKind,
+    raw: Option<i32>,
+    text: String,
+}
+
+impl Stall {
+    fn error(&self) -> io::Error {
+        match self.raw {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(self.kind, self.text.clone()),
+        }
+    }
 }
 
 pub struct SpoolLog {
@@ -126,10 +120,17 @@ pub struct SpoolLog {
     cursor: Cursor,
     dirty: bool,
     pub losses: Losses,
+    read_io: ReadIo,
     _lock: File,
     scratch: Vec<u8>,
     /// The next segment (by first seq) whose frame headers `scan_step` reads.
     scan_from: Option<u64>,
+    /// Damage (segment first seq, offset) counted but not marked on disk (too short for a
+    /// hole, or the write failed): not counted again while the agent runs.
+    unmarked: BTreeSet<(u64, u64)>,
+    stall: Option<Stall>,
+    /// A failed append left part of a frame behind: the next batch starts a new segment.
+    roll_tail: bool,
 }
 
 /// What the spool knows of one unacknowledged batch: its readings and sampling time (µs).
@@ -141,28 +142,6 @@ fn seg_name(first: u64) -> String {
 
 fn parse_seg_name(name: &str) -> Option<u64> {
     name.strip_suffix(".seg")?.parse().ok()
-}
-
-/// Reads the next frame at `offset`. `Ok(None)` at a clean end; `Err(offset)` at damage.
-fn read_frame(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Option<frame::Header>, ()> {
-    let mut head = [0u8; HEADER];
-    let mut got = 0;
-    while got < HEADER {
-        match r.read(&mut head[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Err(()),
-        }
-    }
-    let h = frame::header(&head).ok_or(())?;
-    payload.resize(h.len, 0);
-    r.read_exact(payload).map_err(|_| ())?;
-    if !h.verify(payload) {
-        return Err(());
-    }
-    Ok(Some(h))
 }
 
 impl SpoolLog {
@@ -213,9 +192,13 @@ impl SpoolLog {
             },
             dirty: false,
             losses: Losses::default(),
+            read_io: ReadIo::default(),
             _lock: lock,
             scratch: Vec::new(),
             scan_from: None,
+            unmarked: BTreeSet::new(),
+            stall: None,
+            roll_tail: false,
         };
         log.delete_done_segments()?;
         log.recover_tail()?;
@@ -243,32 +226,35 @@ impl SpoolLog {
         };
         let seg = self.segments[idx].clone();
         self.scan_from = self.segments.get(idx + 1).map(|s| s.first);
-        let Ok(f) = File::open(&seg.path) else {
+        let Ok(mut r) = SegmentReader::open(&seg.path, seg.bytes, &mut self.read_io) else {
             return self.scan_from.is_some();
         };
-        let mut r = BufReader::with_capacity(64 * 1024, f);
-        let mut magic = [0u8; 8];
-        if r.read_exact(&mut magic).is_err() {
+        if r.magic() == Magic::Short {
             return self.scan_from.is_some();
         }
-        let mut head = [0u8; HEADER];
-        let mut summary = [0u8; 20];
-        let mut offset = SEG_HEAD;
-        while offset < seg.bytes && r.read_exact(&mut head).is_ok() {
-            let Some(h) = frame::header(&head) else { break };
-            if r.read_exact(&mut summary).is_err() {
-                break;
-            }
-            // The CRC is checked when the frame is sent; here only the counts matter.
-            if r.seek_relative(h.len as i64 - 20).is_err() {
-                break;
-            }
-            offset += (HEADER + h.len) as u64;
-            if h.seq < self.base || self.acked.contains(&h.seq) {
-                continue;
-            }
-            if let Some((n, first_at, _)) = frame::summary(&summary) {
-                known.entry(h.seq).or_insert((n as u32, first_at));
+        let mut summary = Vec::new();
+        let mut at = SEG_HEAD;
+        // The CRC is checked when the frame is sent; here only the counts matter. Damage is
+        // dealt with by the cursor when it gets there; a read error ends this segment's scan.
+        while let Ok(item) = r.next(
+            at,
+            seg.bytes,
+            &mut summary,
+            Read::Summary,
+            &mut self.read_io,
+        ) {
+            match item {
+                Item::End => break,
+                Item::Hole { end, .. } | Item::Damage { end, .. } => at = end,
+                Item::Frame { end, header, .. } => {
+                    at = end;
+                    if header.seq < self.base || self.acked.contains(&header.seq) {
+                        continue;
+                    }
+                    if let Some((n, first_at, _)) = frame::summary(&summary) {
+                        known.entry(header.seq).or_insert((n as u32, first_at));
+                    }
+                }
             }
         }
         self.scan_from.is_some()
@@ -279,90 +265,198 @@ impl SpoolLog {
         self.done_below()
     }
 
-    /// Scans the newest segment: where appends resume, and a torn or damaged tail cut off.
+    /// Scans the newest segment: where appends resume, damage dealt with (a torn or damaged
+    /// tail cut off). A tail in the old format is left as it is and a new segment started.
     fn recover_tail(&mut self) -> io::Result<()> {
         let Some(last) = self.segments.back().cloned() else {
             return self.start_segment(self.next_seq.max(self.base));
         };
-        let mut r = BufReader::new(Hooked::open(&last.path)?);
-        let mut magic = [0u8; 8];
-        let magic_ok = r.read_exact(&mut magic).is_ok() && &magic == MAGIC;
-        let mut good_end = SEG_HEAD;
+        let mut r = SegmentReader::open(&last.path, last.bytes, &mut self.read_io)?;
+        let mut len = last.bytes;
         let mut last_seq = None;
-        let mut payload = Vec::new();
-        let mut damaged = !magic_ok;
-        if magic_ok {
+        match r.magic() {
+            Magic::Short => {
+                self.rewrite_short_segment(&last.path)?;
+                len = SEG_HEAD;
+            }
+            Magic::Damaged => self.mend_magic(&last.path, last.first, r.version()),
+            Magic::Good => {}
+        }
+        if r.magic() != Magic::Short {
+            let mut payload = Vec::new();
+            let mut at = SEG_HEAD;
             loop {
-                match read_frame(&mut r, &mut payload) {
-                    Ok(Some(h)) => {
-                        good_end += (HEADER + h.len) as u64;
-                        last_seq = Some(h.seq);
+                match r.next(at, len, &mut payload, Read::Full, &mut self.read_io)? {
+                    Item::End => break,
+                    Item::Frame { end, header, .. } => {
+                        last_seq = Some(header.seq);
+                        at = end;
                     }
-                    Ok(None) => break,
-                    Err(()) => {
-                        damaged = true;
-                        break;
+                    Item::Hole { end, .. } => at = end,
+                    Item::Damage {
+                        at: bad,
+                        end,
+                        frames,
+                    } => {
+                        len = self.mend(&last, r.version(), bad, end, frames, len);
+                        r.forget_cache();
+                        at = end.min(len);
                     }
                 }
             }
         }
-        drop(r);
-        if damaged {
-            if !magic_ok {
-                good_end = 0;
-            }
-            self.cut(&last.path, good_end, last.bytes)?;
-        }
-        let file = OpenOptions::new().append(true).open(&last.path)?;
-        if good_end == 0 {
-            file.set_len(0)?;
-            (&file).write_all(MAGIC)?;
-            good_end = SEG_HEAD;
-        }
         if let Some(seg) = self.segments.back_mut() {
-            seg.bytes = good_end;
+            seg.bytes = len;
         }
-        self.tail = file;
         self.next_seq = last_seq.map_or(last.first, |s| s + 1).max(self.base);
         if let Some(&max_acked) = self.acked.iter().next_back() {
             self.next_seq = self.next_seq.max(max_acked + 1);
         }
+        if r.version() == Version::V1 {
+            // New batches go in the new format, in a segment of their own.
+            return self.start_segment(self.next_seq);
+        }
+        self.tail = OpenOptions::new().append(true).open(&last.path)?;
         Ok(())
     }
 
-    /// Keeps a copy of a damaged segment under `corrupt/` and cuts it at `good_end`.
-    fn cut(&mut self, path: &Path, good_end: u64, len: u64) -> io::Result<()> {
-        let corrupt = self.opts.dir.join("corrupt");
-        fs::create_dir_all(&corrupt)?;
-        if let Some(name) = path.file_name() {
-            let stamp = crate::clock::wall_now_us() / 1_000_000;
-            let mut dest = corrupt.join(name);
-            dest.set_extension(format!("{stamp}.seg"));
-            fs::copy(path, &dest)?;
-            prune_corrupt(&corrupt)?;
+    /// A segment shorter than its magic (torn while it was created): made an empty segment.
+    /// Counted as damage only if its bytes are not the start of a magic.
+    fn rewrite_short_segment(&mut self, path: &Path) -> io::Result<()> {
+        let bytes = fs::read(path)?;
+        let torn_magic = frame::MAGIC_V2.starts_with(&bytes) || frame::MAGIC_V1.starts_with(&bytes);
+        if !torn_magic {
+            let copy = self.keep_copy(path, 0);
+            self.count_damage(bytes.len() as u64, 0);
+            tracing::error!(
+                "spool segment {} is damaged at byte 0: {} byte(s) that are not a segment; {}",
+                path.display(),
+                bytes.len(),
+                copy
+            );
         }
         let f = OpenOptions::new().write(true).open(path)?;
-        f.set_len(good_end)?;
-        f.sync_all()?;
-        self.losses.corrupt_bytes += len.saturating_sub(good_end);
+        f.set_len(0)?;
+        f.write_all_at(frame::MAGIC_V2, 0)?;
+        f.sync_all()
+    }
+
+    fn count_damage(&mut self, bytes: u64, frames: u64) {
+        self.losses.corrupt_bytes += bytes;
         self.losses.corrupt_cuts += 1;
-        tracing::error!(
-            "spool segment {} is damaged at byte {good_end}: cut {} byte(s); a copy is in {}",
-            path.display(),
-            len.saturating_sub(good_end),
-            corrupt.display()
-        );
-        Ok(())
+        self.losses.corrupt_frames += frames;
+    }
+
+    /// Keeps a copy of a damaged segment under `corrupt/` (the newest `CORRUPT_KEEP`);
+    /// returns the words for the log line. A failed copy does not stop the repair.
+    fn keep_copy(&self, path: &Path, at: u64) -> String {
+        let corrupt = self.opts.dir.join("corrupt");
+        let stamp = crate::clock::wall_now_us() / 1_000_000;
+        let stem = path
+            .file_stem()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        let dest = corrupt.join(format!("{stem}.{stamp}.{at}.seg"));
+        let done = fs::create_dir_all(&corrupt)
+            .and_then(|()| fs::copy(path, &dest))
+            .and_then(|_| prune_corrupt(&corrupt));
+        match done {
+            Ok(()) => format!("a copy is in {}", corrupt.display()),
+            Err(e) => format!("no copy could be kept in {} ({e})", corrupt.display()),
+        }
+    }
+
+    /// Deals with damage `[at, end)` of a segment `len` bytes long, once: copied, counted,
+    /// and cut (to the end of the segment, or in an old-format segment) or marked as a hole.
+    /// Returns the segment's length after it. Never fails: damage that cannot be marked on
+    /// disk is remembered instead (counted again only after a restart).
+    fn mend(
+        &mut self,
+        seg: &Segment,
+        version: Version,
+        at: u64,
+        end: u64,
+        frames: u64,
+        len: u64,
+    ) -> u64 {
+        if self.unmarked.contains(&(seg.first, at)) {
+            return len;
+        }
+        let copy = self.keep_copy(&seg.path, at);
+        let cut = end >= len || version == Version::V1;
+        let bytes = if cut { len - at } else { end - at };
+        let done = if cut {
+            cut_at(&seg.path, at).map(|()| {
+                format!(
+                    "cut {bytes} byte(s) ({frames} frame(s) at least) to the end of the segment"
+                )
+            })
+        } else if end - at >= HEADER as u64 {
+            mark_hole(&seg.path, at, end).map(|()| {
+                format!(
+                    "skipped {bytes} byte(s) ({frames} frame(s)) up to the next valid frame at byte {end}"
+                )
+            })
+        } else {
+            Err(io::Error::other("too short to be marked as a hole"))
+        };
+        self.count_damage(bytes, frames);
+        match done {
+            Ok(what) => {
+                tracing::error!(
+                    "spool segment {} is damaged at byte {at}: {what}; {copy}",
+                    seg.path.display()
+                );
+                if cut { at } else { len }
+            }
+            Err(e) => {
+                self.unmarked.insert((seg.first, at));
+                tracing::error!(
+                    "spool segment {} is damaged at byte {at}: {bytes} byte(s) ({frames} frame(s)) skipped, not marked on disk ({e}); {copy}",
+                    seg.path.display()
+                );
+                len
+            }
+        }
+    }
+
+    /// A segment whose magic is damaged: the magic rewritten (the version found from the
+    /// frames), the 8 bytes counted.
+    fn mend_magic(&mut self, path: &Path, first: u64, version: Version) {
+        if self.unmarked.contains(&(first, 0)) {
+            return;
+        }
+        let copy = self.keep_copy(path, 0);
+        self.count_damage(SEG_HEAD, 0);
+        let done = OpenOptions::new().write(true).open(path).and_then(|f| {
+            f.write_all_at(version.magic(), 0)
+                .and_then(|()| f.sync_data())
+        });
+        if let Err(e) = &done {
+            self.unmarked.insert((first, 0));
+            tracing::error!(
+                "spool segment {} is damaged at byte 0 (its magic): could not be rewritten ({e}); {copy}",
+                path.display()
+            );
+        } else {
+            tracing::error!(
+                "spool segment {} is damaged at byte 0 (its magic): rewritten, no frame lost; {copy}",
+                path.display()
+            );
+        }
     }
 
     fn start_segment(&mut self, first: u64) -> io::Result<()> {
+        if self.segments.back().is_some_and(|s| s.first == first) {
+            // The tail holds no batch (only its magic, or part of a frame): made anew.
+            self.segments.pop_back();
+        }
         let path = self.opts.dir.join(seg_name(first));
         let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&path)?;
-        f.write_all(MAGIC)?;
+        f.write_all(frame::MAGIC_V2)?;
         f.sync_all()?;
         sync_dir(&self.opts.dir)?;
         drop(f);
@@ -377,24 +471,33 @@ impl SpoolLog {
 
     /// Appends a batch, assigning its sequence number. Returns what the size cap dropped.
     pub fn append(&mut self, batch: &mut Batch) -> io::Result<Dropped> {
-        let tail_full = self
-            .segments
-            .back()
-            .is_none_or(|s| s.bytes >= self.opts.segment_bytes);
+        let tail_full = self.roll_tail
+            || self
+                .segments
+                .back()
+                .is_none_or(|s| s.bytes >= self.opts.segment_bytes);
         if tail_full {
             if self.dirty {
                 self.tail.sync_data()?;
                 self.dirty = false;
             }
             self.start_segment(self.next_seq)?;
+            self.roll_tail = false;
         }
         batch.seq = self.next_seq;
         self.scratch.clear();
         frame::encode(batch, &mut self.scratch);
         if let Err(e) = self.tail.write_all(&self.scratch) {
-            // Leave no half frame behind for the next append to build on.
-            if let Some(seg) = self.segments.back() {
-                let _ = self.tail.set_len(seg.bytes);
+            // Leave no half frame behind for the next append to build on; if it cannot be
+            // taken back, the next batch starts a new segment and the reader sees the half
+            // frame as this segment's damaged end.
+            if let Some(seg) = self.segments.back_mut()
+                && self.tail.set_len(seg.bytes).is_err()
+            {
+                if let Ok(m) = self.tail.metadata() {
+                    seg.bytes = m.len();
+                }
+                self.roll_tail = true;
             }
             return Err(e);
         }
@@ -489,6 +592,7 @@ impl SpoolLog {
         {
             if let Some(s) = self.segments.pop_front() {
                 fs::remove_file(&s.path).or_else(ignore_not_found)?;
+                self.forget_unmarked(s.first);
                 removed = true;
             }
         }
@@ -498,41 +602,30 @@ impl SpoolLog {
         Ok(())
     }
 
+    fn forget_unmarked(&mut self, first: u64) {
+        self.unmarked.retain(|&(f, _)| f != first);
+    }
+
     fn total_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()
     }
 
     /// At the size cap, drops the oldest whole segment, counting what was never delivered.
+    /// The loss is counted before any error (removing the file, syncing the directory) is
+    /// reported, and logged here since the caller gets only the error.
     fn enforce_cap(&mut self) -> io::Result<Dropped> {
         let mut dropped = Dropped::default();
+        let mut removed = 0;
+        let mut result = Ok(());
         while self.total_bytes() > self.opts.max_bytes && self.segments.len() > 1 {
             let Some(s) = self.segments.pop_front() else {
                 break;
             };
             let next_first = self.segments.front().map_or(self.next_seq, |n| n.first);
-            if let Ok(f) = File::open(&s.path) {
-                let mut r = BufReader::new(f);
-                let mut magic = [0u8; 8];
-                let mut payload = Vec::new();
-                if r.read_exact(&mut magic).is_ok() {
-                    while let Ok(Some(h)) = read_frame(&mut r, &mut payload) {
-                        // A batch the publisher holds is no longer durable either: it is
-                        // counted, and delivered after all if its PUBACK still comes.
-                        self.outstanding.remove(&h.seq);
-                        if h.seq < self.base || self.acked.contains(&h.seq) {
-                            continue;
-                        }
-                        if let Some((n, first, last)) = frame::summary(&payload) {
-                            dropped.readings += n as u64;
-                            dropped.batches += 1;
-                            dropped.first_at =
-                                Some(dropped.first_at.map_or(first, |f| f.min(first)));
-                            dropped.last_at = Some(dropped.last_at.map_or(last, |l| l.max(last)));
-                        }
-                    }
-                }
-            }
-            fs::remove_file(&s.path).or_else(ignore_not_found)?;
+            let this = self.count_dropped(&s);
+            self.losses.cap_readings += this.readings;
+            self.losses.cap_batches += this.batches;
+            dropped.add(&this);
             if self.cursor.seg_first <= s.first {
                 self.cursor.seg_first = next_first;
                 self.cursor.offset = SEG_HEAD;
@@ -541,21 +634,115 @@ impl SpoolLog {
             self.cursor.floor = self.cursor.floor.max(next_first);
             self.outstanding = self.outstanding.split_off(&next_first);
             self.base = self.base.max(next_first.min(self.done_below()));
+            self.forget_unmarked(s.first);
+            removed += 1;
+            if let Err(e) = fs::remove_file(&s.path).or_else(ignore_not_found) {
+                result = Err(e);
+                break;
+            }
         }
-        if dropped.batches > 0 {
-            sync_dir(&self.opts.dir)?;
-            self.losses.cap_readings += dropped.readings;
-            self.losses.cap_batches += dropped.batches;
+        if removed > 0 && result.is_ok() {
+            result = sync_dir(&self.opts.dir);
         }
-        Ok(dropped)
+        match result {
+            Ok(()) => Ok(dropped),
+            Err(e) => {
+                tracing::error!(
+                    "spool full (spool.max_bytes): dropped {removed} segment(s), {} undelivered reading(s) in {} batch(es) (counted), but the disk failed: {e}",
+                    dropped.readings,
+                    dropped.batches
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// The unacknowledged batches of a segment about to be dropped. A batch the publisher
+    /// holds is no longer durable either: it is counted, and delivered after all if its
+    /// PUBACK still comes.
+    fn count_dropped(&mut self, s: &Segment) -> Dropped {
+        let mut d = Dropped::default();
+        let mut r = match SegmentReader::open(&s.path, s.bytes, &mut self.read_io) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(
+                    "spool: cannot read {} to count what the cap drops ({e}): its loss is not counted",
+                    s.path.display()
+                );
+                return d;
+            }
+        };
+        if r.magic() == Magic::Short {
+            return d;
+        }
+        let mut payload = Vec::new();
+        let mut at = SEG_HEAD;
+        loop {
+            match r.next(at, s.bytes, &mut payload, Read::Full, &mut self.read_io) {
+                Ok(Item::End) => break,
+                Ok(Item::Hole { end, .. } | Item::Damage { end, .. }) => at = end,
+                Ok(Item::Frame { end, header, .. }) => {
+                    at = end;
+                    if header.seq < self.base || self.acked.contains(&header.seq) {
+                        continue;
+                    }
+                    if let Some((n, first, last)) = frame::summary(&payload) {
+                        d.add(&Dropped {
+                            readings: n as u64,
+                            batches: 1,
+                            first_at: Some(first),
+                            last_at: Some(last),
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "spool: cannot read {} at byte {at} to count what the cap drops ({e}): the count stops there",
+                        s.path.display()
+                    );
+                    break;
+                }
+            }
+        }
+        d
     }
 
     /// The next batch of the backlog (oldest first) that is neither acknowledged nor out;
-    /// `None` when the cursor has caught up with the writer.
+    /// `None` when the cursor has caught up with the writer. An error is a read error that
+    /// outlasted its retries: nothing was cut, and the same place is read again later (not
+    /// before a pause that grows while the error lasts).
     pub fn next_backlog(&mut self) -> io::Result<Option<Batch>> {
+        if let Some(s) = &self.stall
+            && Instant::now() < s.until
+        {
+            return Err(s.error());
+        }
         let mut payload = std::mem::take(&mut self.scratch);
         let result = self.next_backlog_into(&mut payload);
         self.scratch = payload;
+        match &result {
+            Err(e) => {
+                let wait = self
+                    .stall
+                    .as_ref()
+                    .map_or(STALL_FIRST, |s| (s.wait * 2).min(STALL_MAX));
+                self.stall = Some(Stall {
+                    until: Instant::now() + wait,
+                    wait,
+                    kind: e.kind(),
+                    raw: e.raw_os_error(),
+                    text: e.to_string(),
+                });
+            }
+            Ok(_) => {
+                if let Some(s) = self.stall.take() {
+                    tracing::warn!(
+                        "spool: the backlog reads again after a read error ({})",
+                        s.text
+                    );
+                }
+            }
+        }
         result
     }
 
@@ -585,70 +772,69 @@ impl SpoolLog {
                 continue;
             }
             if self.cursor.reader.is_none() {
-                let mut f = Hooked::open(&seg.path)?;
-                f.seek(SeekFrom::Start(self.cursor.offset))?;
-                self.cursor.reader = Some(BufReader::with_capacity(64 * 1024, f));
+                let r = SegmentReader::open(&seg.path, seg.bytes, &mut self.read_io)?;
+                match r.magic() {
+                    Magic::Good => {}
+                    Magic::Damaged => self.mend_magic(&seg.path, seg.first, r.version()),
+                    Magic::Short => {
+                        // Shorter than the log knew: nothing in it.
+                        if let Some(s) = self.segments.get_mut(idx) {
+                            s.bytes = SEG_HEAD.min(s.bytes);
+                        }
+                        continue;
+                    }
+                }
+                self.cursor.reader = Some(r);
             }
             let Some(reader) = self.cursor.reader.as_mut() else {
                 continue;
             };
-            match read_frame(reader, payload) {
-                Ok(Some(h)) => {
-                    self.cursor.offset += (HEADER + h.len) as u64;
-                    self.cursor.floor = self.cursor.floor.max(h.seq + 1);
-                    let skip = h.seq < self.base
-                        || self.acked.contains(&h.seq)
-                        || self.outstanding.contains(&h.seq);
+            let version = reader.version();
+            let item = reader.next(
+                self.cursor.offset,
+                seg.bytes,
+                payload,
+                Read::Full,
+                &mut self.read_io,
+            )?;
+            match item {
+                Item::End => self.cursor.offset = seg.bytes,
+                Item::Hole { end, .. } => self.cursor.offset = end,
+                Item::Damage { at, end, frames } => self.damaged(idx, version, at, end, frames),
+                Item::Frame { at, end, header } => {
+                    self.cursor.offset = end;
+                    self.cursor.floor = self.cursor.floor.max(header.seq + 1);
+                    let skip = header.seq < self.base
+                        || self.acked.contains(&header.seq)
+                        || self.outstanding.contains(&header.seq);
                     if skip {
                         continue;
                     }
-                    match frame::decode(h.seq, payload) {
+                    match frame::decode(header.seq, payload) {
                         Some(b) => {
-                            self.outstanding.insert(h.seq);
+                            self.outstanding.insert(header.seq);
                             return Ok(Some(b));
                         }
-                        None => {
-                            self.cut(
-                                &seg.path,
-                                self.cursor.offset - (HEADER + h.len) as u64,
-                                seg.bytes,
-                            )?;
-                            self.after_cut(idx);
-                        }
+                        // Its CRC holds but it does not decode: damage all the same.
+                        None => self.damaged(idx, version, at, end, 1),
                     }
-                }
-                Ok(None) => {
-                    // The writer's buffered end, or a segment shorter than we knew.
-                    if is_tail {
-                        self.cursor.reader = None;
-                        self.cursor.floor = self.cursor.floor.max(self.next_seq);
-                        self.advance_base()?;
-                        return Ok(None);
-                    }
-                    self.advance_segment(idx);
-                }
-                Err(()) => {
-                    self.cut(&seg.path, self.cursor.offset, seg.bytes)?;
-                    self.after_cut(idx);
                 }
             }
         }
     }
 
-    fn after_cut(&mut self, idx: usize) {
-        let offset = self.cursor.offset;
-        if let Some(seg) = self.segments.get_mut(idx) {
-            seg.bytes = offset;
+    /// The cursor met damage `[at, end)` in segment `idx`: dealt with, and read past.
+    fn damaged(&mut self, idx: usize, version: Version, at: u64, end: u64, frames: u64) {
+        let Some(seg) = self.segments.get(idx).cloned() else {
+            return;
+        };
+        let len = self.mend(&seg, version, at, end, frames, seg.bytes);
+        if let Some(s) = self.segments.get_mut(idx) {
+            s.bytes = len;
         }
-        self.cursor.reader = None;
-        if idx + 1 == self.segments.len() {
-            // The segment being written: appends continue after the cut.
-            if let Ok(f) = OpenOptions::new()
-                .append(true)
-                .open(&self.segments[idx].path)
-            {
-                self.tail = f;
-            }
+        self.cursor.offset = end.min(len);
+        if let Some(r) = self.cursor.reader.as_mut() {
+            r.forget_cache();
         }
     }
 
@@ -671,8 +857,23 @@ impl SpoolLog {
             .saturating_sub(acked_above)
     }
 
+    /// The backlog on disk: bytes of the segments that hold an unacknowledged batch. Zero
+    /// when every batch is acknowledged, although the segment being written stays (and a
+    /// segment goes only once all of it is acknowledged): see `disk_bytes`.
     pub fn bytes(&self) -> u64 {
-        self.total_bytes()
+        let mut total = 0;
+        for (i, s) in self.segments.iter().enumerate() {
+            let end = self.segments.get(i + 1).map_or(self.next_seq, |n| n.first);
+            let start = s.first.max(self.base);
+            if end <= start {
+                continue;
+            }
+            let acked = self.acked.range(start..end).count() as u64;
+            if end - start > acked {
+                total += s.bytes;
+            }
+        }
+        total
     }
 
     /// Bytes of the segment files on disk.
@@ -680,8 +881,9 @@ impl SpoolLog {
         self.total_bytes()
     }
 
+    /// Read errors met so far (retried, and those that outlasted their retries).
     pub fn read_io(&self) -> ReadIo {
-        ReadIo::default()
+        self.read_io
     }
 
     pub fn segments(&self) -> usize {
@@ -702,6 +904,33 @@ impl SpoolLog {
     pub fn dir(&self) -> &Path {
         &self.opts.dir
     }
+}
+
+/// Cuts a segment at `at` (never lengthens it) and makes the cut durable.
+fn cut_at(path: &Path, at: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    if f.metadata()?.len() > at {
+        f.set_len(at)?;
+    }
+    f.sync_all()
+}
+
+/// Marks damage `[at, end)` (at least a header long) as holes, so no reader counts it again.
+fn mark_hole(path: &Path, at: u64, end: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    let max_skip = u64::from(u32::MAX) - HEADER as u64;
+    let mut p = at;
+    while end - p >= HEADER as u64 {
+        let mut skip = (end - p - HEADER as u64).min(max_skip);
+        let left = end - p - HEADER as u64 - skip;
+        if left > 0 && left < HEADER as u64 {
+            // Leave room for one more hole header.
+            skip -= HEADER as u64;
+        }
+        f.write_all_at(&frame::hole(skip as u32), p)?;
+        p += HEADER as u64 + skip;
+    }
+    f.sync_data()
 }
 
 fn ignore_not_found(e: io::Error) -> io::Result<()> {

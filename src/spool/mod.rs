@@ -8,6 +8,7 @@ pub mod fault;
 pub mod frame;
 pub mod inspect;
 pub mod log;
+pub mod segment;
 pub mod service;
 
 pub use log::{Options, SpoolLog};
