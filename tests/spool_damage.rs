@@ -270,6 +270,11 @@ fn a_flipped_byte_anywhere_costs_only_its_frame() {
             "byte {pos}: only the readings of the frame holding it may be lost"
         );
         assert_eq!(log.losses.corrupt_cuts, 1, "byte {pos}: counted once");
+        assert_eq!(
+            log.losses.corrupt_frames,
+            u64::from(pos >= 8),
+            "byte {pos}: the frames the damage held"
+        );
         worst = worst.max(lost.len());
         drop(log);
         std::fs::remove_dir_all(&dir).expect("clean up");
@@ -279,6 +284,68 @@ fn a_flipped_byte_anywhere_costs_only_its_frame() {
         positions.len(),
         seg0.len()
     );
+}
+
+/// The tail's end: zeros after the last frame cost nothing; a torn last frame costs itself.
+#[test]
+fn zeros_after_the_tail_and_a_torn_tail_are_cut() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let orig = work.path().join("orig");
+    let all = build(&orig, SEG_64K, 40);
+    let tail = segment_files(&orig).pop().expect("a segment");
+    let name = tail.file_name().expect("name").to_owned();
+    let bytes = std::fs::read(&tail).expect("read");
+    let layout = frames(&bytes);
+
+    let zeros = work.path().join("zeros");
+    copy_dir(&orig, &zeros);
+    let mut padded = bytes.clone();
+    padded.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(zeros.join(&name), &padded).expect("write");
+    let (got, log) = drain(&zeros, SEG_64K);
+    assert_eq!(got, all, "zeros damage no frame");
+    assert_eq!(
+        (
+            log.losses.corrupt_cuts,
+            log.losses.corrupt_bytes,
+            log.losses.corrupt_frames
+        ),
+        (1, 4096, 0)
+    );
+    drop(log);
+    assert_eq!(
+        std::fs::read(zeros.join(&name)).expect("read"),
+        bytes,
+        "cut back to the last frame"
+    );
+
+    let torn = work.path().join("torn");
+    copy_dir(&orig, &torn);
+    let last = layout.last().expect("a frame");
+    let cut = (last.at + last.end) / 2;
+    std::fs::write(torn.join(&name), &bytes[..cut]).expect("write");
+    let (got, mut log) = drain(&torn, SEG_64K);
+    let lost: BTreeSet<i64> = all.difference(&got).copied().collect();
+    assert_eq!(lost, last.readings.iter().copied().collect());
+    assert_eq!(
+        (
+            log.losses.corrupt_cuts,
+            log.losses.corrupt_bytes,
+            log.losses.corrupt_frames
+        ),
+        (1, (cut - last.at) as u64, 1)
+    );
+    // Appends go on after the cut, in a segment that reads clean.
+    let mut b = batch(999, 10);
+    log.append(&mut b).expect("append");
+    assert_eq!(
+        b.seq,
+        last.seq.expect("a batch"),
+        "the torn batch's seq is free again"
+    );
+    drop(log);
+    let f = frames(&std::fs::read(torn.join(&name)).expect("read"));
+    assert_eq!(f.last().and_then(|f| f.seq), Some(b.seq));
 }
 
 /// Writes a spool in the old format (segments `RDLSEG01`, 16-byte frame headers) by hand.

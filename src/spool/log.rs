@@ -55,7 +55,7 @@ pub struct Losses {
     /// Damaged bytes (torn tail, bit flip, zeros) cut off or skipped, and how many times.
     pub corrupt_bytes: u64,
     pub corrupt_cuts: u64,
-    /// Frames those damaged bytes held (at least: the sync markers seen in them).
+    /// Frames those damaged bytes held, as far as can be told (their sync markers).
     pub corrupt_frames: u64,
 }
 
@@ -386,9 +386,7 @@ impl SpoolLog {
         let bytes = if cut { len - at } else { end - at };
         let done = if cut {
             cut_at(&seg.path, at).map(|()| {
-                format!(
-                    "cut {bytes} byte(s) ({frames} frame(s) at least) to the end of the segment"
-                )
+                format!("cut {bytes} byte(s) ({frames} frame(s)) to the end of the segment")
             })
         } else if end - at >= HEADER as u64 {
             mark_hole(&seg.path, at, end).map(|()| {

@@ -47,7 +47,9 @@ pub enum Item {
     /// Damage already dealt with (v2): skip `[at, end)`.
     Hole { at: u64, end: u64 },
     /// Bytes `[at, end)` that are no frame: `end` is the next valid frame or hole, or the end
-    /// of the segment. `frames`: how many frames it held, at least (sync markers seen).
+    /// of the segment. `frames`: how many frames it held, as far as can be told (v2: the
+    /// sync markers in it, the first one counted even with one or two of its bytes damaged;
+    /// zeros hold none; v1: 1).
     Damage { at: u64, end: u64, frames: u64 },
     /// Nothing more before the limit.
     End,
@@ -220,14 +222,27 @@ impl SegmentReader {
     }
 
     /// From damage at `at` (v2): the next offset where a valid frame or hole starts (or the
-    /// limit), and how many sync markers the damaged bytes hold (at least 1).
+    /// limit), and how many frames the damaged bytes held (see `Item::Damage`).
     fn resync(
         &mut self,
         at: u64,
         payload: &mut Vec<u8>,
         io_stats: &mut ReadIo,
     ) -> io::Result<(u64, u64)> {
+        let mut first = [0u8; 4];
+        let n = (self.limit - at).min(4) as usize;
         let mut markers = 0u64;
+        if self.read_or_eof(&mut first[..n], at, io_stats)? {
+            let alike = first[..n]
+                .iter()
+                .zip(SYNC)
+                .filter(|(a, b)| **a == *b)
+                .count();
+            // A whole marker is counted by the scan below; a damaged one here.
+            if (2..SYNC.len()).contains(&alike) {
+                markers = 1;
+            }
+        }
         let mut chunk = Vec::new();
         let mut from = at;
         while from < self.limit {
@@ -251,13 +266,13 @@ impl SegmentReader {
                     continue;
                 }
                 if p > at && self.frame_at(p, payload, Read::Full, io_stats)?.is_some() {
-                    return Ok((p, markers.max(1)));
+                    return Ok((p, markers));
                 }
                 markers += 1;
             }
             from += n as u64;
         }
-        Ok((self.limit, markers.max(1)))
+        Ok((self.limit, markers))
     }
 
     /// `read_at`, with the end of the file as `false`.
