@@ -200,10 +200,16 @@ pub fn spool_stats(config: &Path) -> SpoolStats {
     }
 }
 
-/// The magic at the start of every segment file.
-pub const SEG_MAGIC: &[u8; 8] = b"RDLSEG01";
-/// A frame header: u32 LE payload length, u64 LE seq, u32 LE CRC32.
-pub const FRAME_HEADER: u64 = 16;
+/// The magic at the start of every segment file the agent writes (spool format 2; format 1,
+/// `RDLSEG01` with 16-byte frame headers and no sync marker, is still read by the agent).
+pub const SEG_MAGIC: &[u8; 8] = b"RDLSEG02";
+/// A frame header: sync marker FF 52 44 4C, u32 LE payload length, u64 LE seq, u32 LE CRC32
+/// (of length, seq and payload), u32 LE CRC32 of the 20 header bytes before it.
+pub const FRAME_HEADER: u64 = 24;
+/// The sync marker that starts every frame.
+pub const FRAME_SYNC: [u8; 4] = [0xFF, b'R', b'D', b'L'];
+/// The seq of a hole: damage the agent already counted; its `len` bytes are skipped.
+pub const HOLE_SEQ: u64 = u64::MAX;
 
 /// One frame of a segment file: where it starts and how long it is (header included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,7 +248,8 @@ pub fn segment_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The frames of an intact segment, found by their length fields (CRCs not checked).
+/// The frames of an intact segment, found by their sync markers and length fields (CRCs not
+/// checked); holes are left out.
 pub fn frames(path: &Path) -> Vec<Frame> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     assert!(
@@ -254,17 +261,25 @@ pub fn frames(path: &Path) -> Vec<Frame> {
     let mut out = Vec::new();
     let mut at = 8usize;
     while at + FRAME_HEADER as usize <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as u64;
-        let seq = u64::from_le_bytes(bytes[at + 4..at + 12].try_into().unwrap());
+        assert_eq!(
+            bytes[at..at + 4],
+            FRAME_SYNC,
+            "{}: no sync marker at byte {at}",
+            path.display()
+        );
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as u64;
+        let seq = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
         let total = FRAME_HEADER + len;
-        if at as u64 + total > bytes.len() as u64 || len == 0 {
+        if at as u64 + total > bytes.len() as u64 {
             break;
         }
-        out.push(Frame {
-            offset: at as u64,
-            len: total,
-            seq,
-        });
+        if seq != HOLE_SEQ {
+            out.push(Frame {
+                offset: at as u64,
+                len: total,
+                seq,
+            });
+        }
         at += total as usize;
     }
     assert_eq!(
