@@ -693,6 +693,16 @@ mod read_errors {
             }
         };
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        // Everything before the frame that holds the bad byte went out (the read-ahead does
+        // not hold back the frames in front of a bad sector), nothing from it on.
+        let seg0 = frames(&std::fs::read(work.path().join(&names[0])).expect("read"));
+        let seg1 = frames(&before);
+        let in_front: BTreeSet<i64> = seg0
+            .iter()
+            .chain(seg1.iter().take_while(|f| f.end <= 1000))
+            .flat_map(|f| f.readings.iter().copied())
+            .collect();
+        assert_eq!(got, in_front, "the backlog stops at the unreadable frame");
         assert_eq!(log.losses.corrupt_cuts, 0, "a read error is not damage");
         assert_eq!(log.read_io().failures, 1, "the failed read is counted");
         assert!(log.read_io().retries >= 3, "retried before giving up");

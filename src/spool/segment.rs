@@ -16,7 +16,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Waits before each retry of a failed read: four tries in all, 310 ms at most.
+/// Waits before each retry of a failed read: four tries in all, 310 ms at most. (A failed
+/// read-ahead is first narrowed to the bytes asked for, without a wait.)
 const RETRY_DELAYS: [Duration; 3] = [
     Duration::from_millis(10),
     Duration::from_millis(50),
@@ -302,14 +303,16 @@ impl SegmentReader {
         }
         let mut cache = std::mem::take(&mut self.cache);
         cache.resize(n, 0);
-        if let Err(e) = self.pread(&mut cache, at, io_stats) {
+        if let Err(e) = self.pread_once(&mut cache, at) {
             cache.clear();
             self.cache = cache;
-            // A file shorter than the log knew: what was asked may still be there.
-            return match e.kind() {
-                io::ErrorKind::UnexpectedEof => self.pread(buf, at, io_stats),
-                _ => Err(e),
-            };
+            // What was asked may still be readable: a bad sector further on in the read-ahead
+            // (tried again, with the retries, on the exact bytes), or a file shorter than the
+            // log knew.
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                io_stats.retries += 1;
+            }
+            return self.pread(buf, at, io_stats);
         }
         buf.copy_from_slice(&cache[..buf.len()]);
         self.cache = cache;
