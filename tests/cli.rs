@@ -580,3 +580,52 @@ fn json_logs_are_one_object_per_line() {
         "no colour when stderr is not a terminal"
     );
 }
+
+#[test]
+fn declared_fields_keep_their_order_in_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fields.toml");
+    std::fs::write(
+        &config,
+        r#"[vehicle]
+id = "GT3-TEST"
+
+[fields]
+engine_rpm = { type = "int", min = 0, max = 20000 }
+brake_disc_temp_fr = { type = "float", min = -50, max = 1500, decimals = 1 }
+engine_oil_temp = { type = "float", min = -50, max = 200, decimals = 1 }
+brake_disc_temp_fl = { type = "float", min = -50, max = 1500, decimals = 1 }
+"#,
+    )
+    .unwrap();
+    let out = run_agent(
+        &[
+            "simulate",
+            "--config",
+            path_str(&config),
+            "--stdout",
+            "--duration",
+            "1s",
+            "--speed",
+            "max",
+        ],
+        QUICK,
+    );
+    assert_exit(&out, 0, "simulate with declared fields");
+    let line = out.stdout_text.lines().next().unwrap_or_default();
+    let at = |key: &str| {
+        line.find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    let order = [
+        at("timestamp"),
+        at("engine_rpm"),
+        at("brake_disc_temp_fr"),
+        at("engine_oil_temp"),
+        at("brake_disc_temp_fl"),
+    ];
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "the record's keys are not in the declared order: {line}"
+    );
+}
