@@ -16,6 +16,8 @@ pub const DEFAULT_CONFIG: &str = "/etc/redline-agent/agent.toml";
 /// Exit codes beyond 0 (success) and 1 (failure).
 pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_UNDELIVERED: u8 = 3;
+/// A replayed log held nothing usable (no frame of the interface, none decoded).
+pub const EXIT_NOTHING_USABLE: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +67,10 @@ pub enum Command {
         /// Time compression: a factor such as `10`, or `max`.
         #[arg(long, default_value = "max")]
         speed: Speed,
+        /// Replay only the frames of this interface (default: `source.interface` of a CAN
+        /// source, else every frame); `all` for every frame.
+        #[arg(long)]
+        interface: Option<String>,
     },
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
@@ -240,6 +246,7 @@ pub fn main() -> ExitCode {
             config,
             stdout,
             speed,
+            interface,
         } => {
             let (cfg, path) = match load_or_bench(config.as_deref()) {
                 Ok(loaded) => loaded,
@@ -253,9 +260,13 @@ pub fn main() -> ExitCode {
             let replay = crate::replay::Replay {
                 file,
                 speed,
-                interface: (cfg.source.kind == crate::config::SourceKind::Can)
-                    .then(|| cfg.source.interface.clone())
-                    .flatten(),
+                interface: match interface.as_deref() {
+                    Some("all") => None,
+                    Some(i) => Some(i.to_owned()),
+                    None => (cfg.source.kind == crate::config::SourceKind::Can)
+                        .then(|| cfg.source.interface.clone())
+                        .flatten(),
+                },
             };
             let sim = SimSettings {
                 seed: 0,
@@ -487,6 +498,9 @@ fn execute_with(
                 tracing::info!("summary: {}", spool_stats.line());
             } else {
                 tracing::info!("summary: {}", stats.printed_line(payload));
+            }
+            if Stats::get(&stats.source_unusable) > 0 {
+                return ExitCode::from(EXIT_NOTHING_USABLE);
             }
             if summary.unacked_batches > 0 {
                 tracing::warn!(

@@ -261,9 +261,11 @@ pub async fn run(
                 })?;
                 tokio::spawn(async move {
                     let file = replay.file.display().to_string();
-                    if let Err(e) = crate::replay::run(replay, decoding, stats, src_tx, stop).await
+                    if let Err(e) =
+                        crate::replay::run(replay, decoding, stats.clone(), src_tx, stop).await
                     {
-                        tracing::error!("cannot read {file}: {e}");
+                        tracing::error!("replay of {file}: {e}");
+                        Stats::add(&stats.source_unusable, 1);
                     }
                 })
             }

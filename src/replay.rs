@@ -6,6 +6,7 @@ use crate::candump::{self, LineError};
 use crate::signal::{Micros, SourceEvent};
 use crate::source::Speed;
 use crate::stats::Stats;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,9 @@ pub async fn run(
     let mut line = Vec::with_capacity(256);
     let mut events = Vec::with_capacity(16);
     let (mut number, mut bad) = (0u64, 0u64);
+    // Frames per interface, to say what the log holds; frames replayed; values decoded.
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut used, mut values) = (0u64, 0u64);
     let mut first: Option<(Micros, Instant)> = None;
     let mut last: Option<Micros> = None;
     loop {
@@ -65,6 +69,12 @@ pub async fn run(
                 continue;
             }
         };
+        match seen.get_mut(frame.interface) {
+            Some(n) => *n += 1,
+            None => {
+                seen.insert(frame.interface.to_owned(), 1);
+            }
+        }
         if replay
             .interface
             .as_deref()
@@ -72,6 +82,7 @@ pub async fn run(
         {
             continue;
         }
+        used += 1;
         // The log's clock never runs backwards for the sampler (candump logs from several
         // interfaces can interleave out of order by microseconds).
         let at = last.map_or(frame.time_us, |l| l.max(frame.time_us));
@@ -98,6 +109,7 @@ pub async fn run(
             &stats,
             &mut events,
         );
+        values += events.len() as u64;
         for ev in events.drain(..) {
             if tx.send(ev).await.is_err() {
                 return Ok(());
@@ -111,10 +123,60 @@ pub async fn run(
             bad - LOG_FIRST
         );
     }
-    tracing::info!("{}: {number} line(s) replayed", replay.file.display());
+    let holds = if seen.is_empty() {
+        "no candump frame".to_owned()
+    } else {
+        seen.iter()
+            .map(|(i, n)| format!("{n} frame(s) on {i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    tracing::info!(
+        "{}: {number} line(s): {holds}; {used} frame(s) replayed{}, {values} value(s) decoded",
+        replay.file.display(),
+        replay
+            .interface
+            .as_deref()
+            .map_or(String::new(), |i| format!(" from {i}"))
+    );
     if let Some(t) = last {
         // Every tick up to the last frame is due.
         let _ = tx.send(SourceEvent::Clock(t + 1)).await;
     }
+    if values == 0 && !stop.is_cancelled() {
+        return Err(std::io::Error::other(nothing_usable(
+            &holds,
+            used,
+            replay.interface.as_deref(),
+            &seen,
+        )));
+    }
     Ok(())
+}
+
+/// Why a log gave no value, and what to try.
+fn nothing_usable(
+    holds: &str,
+    used: u64,
+    interface: Option<&str>,
+    seen: &BTreeMap<String, u64>,
+) -> String {
+    match interface {
+        Some(i) if used == 0 && !seen.is_empty() => {
+            let others: Vec<&str> = seen.keys().map(String::as_str).collect();
+            format!(
+                "nothing to replay: the log holds {holds} and none on {i}; \
+                 replay one of them with --interface {} (or --interface all)",
+                others.join(" / --interface ")
+            )
+        }
+        _ if seen.is_empty() => format!(
+            "nothing to replay: {holds} (is it a `candump -L` log? lines look like \
+             `(1705267200.000000) can0 123#DEADBEEF`)"
+        ),
+        _ => format!(
+            "nothing decoded from {used} frame(s) ({holds}): none is a message the DBC \
+             binds to a field (source.dbc, source.signals)"
+        ),
+    }
 }

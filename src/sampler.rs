@@ -24,7 +24,7 @@ pub struct Sampler {
     rate_hz: i128,
     stale_after: Micros,
     table: SignalTable,
-    stats: Arc<Stats>,
+    pub(crate) stats: Arc<Stats>,
 }
 
 impl Sampler {
@@ -112,29 +112,54 @@ impl Sampler {
 pub struct DataClock {
     sampler: Sampler,
     next: Option<i64>,
+    /// The instant of the newest value seen.
+    last_data: Option<Micros>,
 }
+
+/// Ticks made after the data stops before the rest of a silence is skipped: a minute of
+/// readings going stale shows the silence; days of them (a log with one far-future line,
+/// logs of several days joined) would only fill memory and the spool.
+pub const MAX_SILENCE: Micros = 60_000_000;
 
 impl DataClock {
     pub fn new(sampler: Sampler) -> Self {
         Self {
             sampler,
             next: None,
+            last_data: None,
         }
     }
 
     pub fn update(&mut self, update: SignalUpdate, out: &mut Vec<Reading>) {
         self.advance_before(update.at, out);
+        self.last_data = Some(self.last_data.map_or(update.at, |l| l.max(update.at)));
         self.sampler.apply(update);
     }
 
-    /// The data's clock reached `t`: every tick before `t` is due.
+    /// The data's clock reached `t`: every tick before `t` is due, but at most
+    /// `MAX_SILENCE` of them after the newest value; the rest of a longer silence is
+    /// skipped, counted and logged.
     pub fn advance_before(&mut self, t: Micros, out: &mut Vec<Reading>) {
         let next = *self
             .next
             .get_or_insert_with(|| self.sampler.first_tick_at_or_after(t));
         let mut n = next;
+        let quiet_until = self.last_data.map(|l| l + MAX_SILENCE);
         while self.sampler.tick_time(n) < t {
             let at = self.sampler.tick_time(n);
+            if quiet_until.is_some_and(|q| at >= q) {
+                let resume = self.sampler.first_tick_at_or_after(t);
+                let skipped = resume - n;
+                Stats::add(&self.sampler.stats.ticks_skipped, skipped as u64);
+                tracing::warn!(
+                    "the data is silent from {} ms to {} ms ({:.1} h): {skipped} tick(s) of it skipped",
+                    self.last_data.unwrap_or(at) / 1000,
+                    t / 1000,
+                    (t - self.last_data.unwrap_or(at)) as f64 / 3.6e9
+                );
+                n = resume;
+                break;
+            }
             out.push(self.sampler.sample(at));
             n += 1;
         }
@@ -153,6 +178,34 @@ mod tests {
     }
 
     const T0: Micros = 1_705_267_200_000_000;
+
+    #[test]
+    fn a_far_future_value_does_not_make_every_tick_in_between() {
+        let stats = Arc::new(Stats::new(Config::bench_default().field_names()));
+        let mut clock = DataClock::new(Sampler::new(&Config::bench_default(), stats.clone()));
+        let mut out = Vec::new();
+        let u = |at| SignalUpdate {
+            field: 2,
+            value: 7000.0,
+            at,
+        };
+        clock.update(u(T0), &mut out);
+        clock.update(u(T0 + 1_000_000), &mut out);
+        assert_eq!(out.len(), 10);
+        // Three days later: a minute of readings going stale, then the new data.
+        let later = T0 + 3 * 86_400_000_000;
+        clock.update(u(later), &mut out);
+        assert_eq!(
+            out.len(),
+            10 + 600,
+            "a minute of silence after the last value"
+        );
+        clock.advance_before(later + 500_000, &mut out);
+        assert_eq!(out.len(), 615, "ticks resume at the new data");
+        assert_eq!(out[614].at, later + 400_000);
+        let skipped = Stats::get(&stats.ticks_skipped);
+        assert_eq!(skipped as i64, (later - T0 - 1_000_000) / 100_000 - 600);
+    }
 
     #[test]
     fn an_hour_at_10hz_is_36000_readings_100ms_apart_without_drift() {

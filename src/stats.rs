@@ -38,6 +38,8 @@ pub struct Stats {
     nulls: Vec<[AtomicU64; 4]>,
     pub readings: AtomicU64,
     pub ticks_missed: AtomicU64,
+    /// Ticks of a long silence in replayed or simulated data, skipped (see `DataClock`).
+    pub ticks_skipped: AtomicU64,
     pub batches: AtomicU64,
     pub batches_dropped: AtomicU64,
     pub readings_dropped: AtomicU64,
@@ -67,6 +69,8 @@ pub struct Stats {
     /// Lines (serial) or frames (CAN) the source took in.
     pub lines: AtomicU64,
     pub frames: AtomicU64,
+    /// 1 when a finite input (a replayed log) held nothing the source could use.
+    pub source_unusable: AtomicU64,
     /// What the source could not use, by reason (bad checksum, unknown id, ...).
     source_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// The last connection failure: class, detail, epoch ms.
@@ -190,6 +194,10 @@ impl Stats {
         }
         if !nulls.is_empty() {
             let _ = write!(s, " nulls:{nulls}");
+        }
+        let skipped = g(&self.ticks_skipped);
+        if skipped > 0 {
+            let _ = write!(s, " ticks_skipped_in_silence={skipped}");
         }
         let (lines, frames) = (g(&self.lines), g(&self.frames));
         if lines > 0 {

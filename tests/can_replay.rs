@@ -196,3 +196,119 @@ fn a_binding_to_what_the_dbc_lacks_names_both() {
         }
     }
 }
+
+fn config_on(dir: &Path, interface: &str) -> std::path::PathBuf {
+    let dbc = dir.join("gt3.dbc");
+    std::fs::write(&dbc, GT3_DBC).expect("write dbc");
+    let config = dir.join("can.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[vehicle]
+id = "GT3-TEST"
+
+[source]
+kind = "can"
+interface = "{interface}"
+dbc = "gt3.dbc"
+
+[source.signals]
+brake_disc_temp_fl = "BrakeTemps.DiscFL"
+brake_disc_temp_fr = "BrakeTemps.DiscFR"
+engine_rpm = "Engine.RPM"
+engine_oil_temp = "EngineTemps.OilTemp"
+"#
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+fn replay_with(log: &Path, config: &Path, extra: &[&str]) -> support::process::Finished {
+    let mut args = vec![
+        "replay",
+        log.to_str().expect("utf-8"),
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--stdout",
+    ];
+    args.extend_from_slice(extra);
+    support::run_agent(&args, Duration::from_secs(60))
+}
+
+#[test]
+fn a_log_of_another_interface_says_what_it_holds_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("stint.log");
+    write_log(&log);
+    let config = config_on(dir.path(), "vcan0");
+    let out = replay_with(&log, &config, &[]);
+    assert_eq!(
+        out.code(),
+        Some(4),
+        "nothing usable exits 4\n{}",
+        out.describe()
+    );
+    assert!(out.stdout_text.trim().is_empty(), "no records expected");
+    assert!(
+        out.stderr.contains("frame(s) on can0")
+            && out.stderr.contains("none on vcan0")
+            && out.stderr.contains("--interface can0"),
+        "the log's interfaces and the way out are named:\n{}",
+        out.stderr
+    );
+    let fixed = replay_with(&log, &config, &["--interface", "can0"]);
+    assert_eq!(fixed.code(), Some(0), "{}", fixed.describe());
+    assert_eq!(fixed.stdout_text.lines().count(), 3, "{}", fixed.describe());
+}
+
+#[test]
+fn a_file_that_is_not_a_candump_log_fails_with_a_hint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("notes.txt");
+    std::fs::write(&log, "lap 1: 1:58.2\nlap 2: 1:57.9\n").expect("write");
+    let out = replay(&log, "max");
+    assert_eq!(out.code(), Some(4), "{}", out.describe());
+    assert!(
+        out.stderr.contains("is it a `candump -L` log?"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_far_future_line_costs_a_minute_of_readings_not_years() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("stint.log");
+    write_log(&log);
+    // One line stamped ten years later, as a broken logger writes.
+    let dbc = Dbc::from_text(GT3_DBC).expect("dbc");
+    let (id, hex) = frame_hex(&dbc, "Engine", &[("RPM", 7000.0)]);
+    let mut text = std::fs::read_to_string(&log).expect("read");
+    text.push_str(&format!(
+        "({:.6}) can0 {id:03X}#{hex}\n",
+        T0 + 315_360_000.0
+    ));
+    std::fs::write(&log, text).expect("write");
+    let out = replay(&log, "max");
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let records: usize = out
+        .stdout_text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            v["records"].as_array().map_or(0, Vec::len)
+        })
+        .sum();
+    // The 3 s of log, one minute of silence, and nothing of the ten years.
+    assert!(
+        (629..=632).contains(&records),
+        "{records} readings\n{}",
+        support::process::tail(&out.stderr, 2000)
+    );
+    assert!(
+        out.stderr.contains("the data is silent from") && out.stderr.contains("skipped"),
+        "{}",
+        out.stderr
+    );
+}
