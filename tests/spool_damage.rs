@@ -626,6 +626,196 @@ fn the_boots_rename_is_followed_by_a_directory_sync() {
     );
 }
 
+const LOOP_HINT: &str = "this test needs root, loop devices and e2fsprogs (mkfs.ext2, filefrag)";
+
+fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} ({LOOP_HINT})"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({LOOP_HINT}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loop device and what is mounted from it, undone when dropped (also after a failure).
+struct LoopDisk {
+    dev: String,
+    mounts: Vec<PathBuf>,
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = std::process::Command::new("umount").arg(m).status();
+        }
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// Issue 12, item 3, on a real device: one segment of the spool lives on a loop device
+/// (bind-mounted over its file) whose capacity is cut below the segment's data, so the
+/// kernel answers EIO ("attempt to access beyond end of device"), then given back. The read
+/// is retried, reported as an error, nothing is cut, and once the device answers again every
+/// reading comes out.
+#[test]
+fn a_real_eio_from_a_loop_device_is_retried_and_never_cut() {
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let work = tempfile::tempdir().expect("tempdir");
+    let spool = work.path().join("spool");
+    let all = build(&spool, 4096, 30);
+    let segs = segment_files(&spool);
+    assert!(segs.len() >= 3, "{segs:?}");
+    let victim = segs[1].clone();
+    let original = std::fs::read(&victim).expect("read");
+
+    let img = work.path().join("disk.img");
+    const IMG: u64 = 8 << 20;
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(IMG))
+        .expect("image");
+    run(
+        "mkfs.ext2",
+        &[
+            &os("-q"),
+            &os("-F"),
+            &os("-b"),
+            &os("1024"),
+            &os("-O"),
+            &os("^resize_inode"),
+            img.as_os_str(),
+        ],
+    );
+    let dev = run("losetup", &[&os("-f"), &os("--show"), img.as_os_str()])
+        .trim()
+        .to_owned();
+    let mut disk = LoopDisk {
+        dev: dev.clone(),
+        mounts: Vec::new(),
+    };
+    let lo = work.path().join("lo");
+    std::fs::create_dir_all(&lo).expect("mkdir");
+    run(
+        "mount",
+        &[&os("-o"), &os("noatime"), &os(&dev), lo.as_os_str()],
+    );
+    disk.mounts.push(lo.clone());
+    let on_disk = lo.join("seg");
+    std::fs::write(&on_disk, &original).expect("copy the segment");
+    std::fs::File::open(&on_disk)
+        .and_then(|f| f.sync_all())
+        .expect("sync");
+    // Where its data starts on the device (1 KiB blocks).
+    let map = run("filefrag", &[&os("-v"), on_disk.as_os_str()]);
+    let block: u64 = map
+        .lines()
+        .find_map(|l| {
+            let l = l.trim_start();
+            l.starts_with("0:")
+                .then(|| {
+                    l.split(':')
+                        .nth(2)?
+                        .trim()
+                        .split("..")
+                        .next()?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no extent in filefrag's output:\n{map}"));
+    // Read-only from now on (nothing else is written to the device), with a cold cache.
+    run("umount", &[lo.as_os_str()]);
+    disk.mounts.pop();
+    run(
+        "mount",
+        &[&os("-o"), &os("ro,noatime"), &os(&dev), lo.as_os_str()],
+    );
+    disk.mounts.push(lo.clone());
+    run(
+        "mount",
+        &[&os("--bind"), on_disk.as_os_str(), victim.as_os_str()],
+    );
+    disk.mounts.push(victim.clone());
+    assert_eq!(
+        std::fs::metadata(&victim).expect("stat").len(),
+        original.len() as u64
+    );
+
+    // The device ends where the segment's data begins (the image cut there; the bytes cut
+    // off are kept to be put back).
+    let cut = block * 1024;
+    let image = std::fs::read(&img).expect("read the image");
+    let set_capacity = |len: u64| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open the image");
+        f.set_len(len).expect("resize the image");
+        if len > cut {
+            std::os::unix::fs::FileExt::write_all_at(&f, &image[cut as usize..], cut)
+                .expect("put the bytes back");
+            f.sync_all().expect("sync the image");
+        }
+        run("losetup", &[&os("-c"), &os(&dev)]);
+    };
+    set_capacity(cut);
+    let mut log = SpoolLog::open(opts(&spool, 4096, 1 << 30)).expect("open");
+    let mut got = BTreeSet::new();
+    let err = loop {
+        match log.next_backlog() {
+            Ok(Some(b)) => got.extend(readings(&b)),
+            Ok(None) => panic!("the backlog ended without a read error"),
+            Err(e) => break e,
+        }
+    };
+    eprintln!(
+        "loop device cut below {}: {err}; {:?}",
+        victim.display(),
+        log.read_io()
+    );
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let seg0: BTreeSet<i64> = frames(&std::fs::read(&segs[0]).expect("read"))
+        .iter()
+        .flat_map(|f| f.readings.iter().copied())
+        .collect();
+    assert_eq!(got, seg0, "the backlog stops at the unreadable segment");
+    assert_eq!(log.losses.corrupt_cuts, 0, "a read error is not damage");
+    assert!(log.read_io().retries >= 3, "{:?}", log.read_io());
+    assert!(log.read_io().failures >= 1, "{:?}", log.read_io());
+    assert!(!spool.join("corrupt").exists(), "no corrupt copy");
+
+    // The device answers again: the backlog resumes.
+    set_capacity(IMG);
+    let t0 = std::time::Instant::now();
+    loop {
+        match log.next_backlog() {
+            Ok(Some(b)) => got.extend(readings(&b)),
+            Ok(None) => break,
+            Err(e) if t0.elapsed() < std::time::Duration::from_secs(10) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("the backlog does not resume: {e}"),
+        }
+    }
+    assert_eq!(got, all, "every reading once the device answers");
+    assert_eq!(log.losses.corrupt_cuts, 0);
+    drop(log);
+    assert_eq!(
+        std::fs::read(&victim).expect("read"),
+        original,
+        "the segment is untouched"
+    );
+    drop(disk);
+}
+
 #[cfg(not(feature = "test-hooks"))]
 #[test]
 fn read_error_tests_need_the_test_hooks_feature() {
