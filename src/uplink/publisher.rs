@@ -9,7 +9,7 @@
 use super::connection::{self, Backoff, LinkEvent};
 use super::link_error::{Class, LinkError};
 use super::rate_limit::RateLimits;
-use super::scheduler::{ControlMsg, Figures, Lane, Scheduler};
+use super::scheduler::{ControlMsg, Figures, Overdue, Scheduler};
 use crate::batch::Control;
 use crate::config::Config;
 use crate::spool::{Cmd, Parcel};
@@ -96,9 +96,9 @@ impl StatusTopics {
 }
 
 /// Publishes everything the spool hands over and reports each acknowledged batch back.
-/// Ends when the input is closed and everything is acknowledged; when `stop` fires, after
-/// at most `shutdown_timeout`; after the source ended, once no PUBACK has come for
-/// `shutdown_timeout`.
+/// Ends when the input is closed and everything is acknowledged; when `stop` fires, once
+/// the last live batch is acknowledged or after at most `shutdown_timeout`; after the
+/// source ended, once no PUBACK has come for `shutdown_timeout`.
 pub async fn run(
     config: &Config,
     settings: PublisherSettings,
@@ -106,13 +106,6 @@ pub async fn run(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) -> Result<(), (String, String)> {
-    let Inputs {
-        mut live,
-        mut backlog,
-        spool,
-        upstream_done,
-        spool_stats,
-    } = inputs;
     let m = config
         .mqtt
         .as_ref()
@@ -125,17 +118,7 @@ pub async fn run(
         )
     });
     let (client, eventloop) = connect_options(config, will)?;
-    let mut status_tick = tokio::time::interval(
-        status
-            .as_ref()
-            .map_or(Duration::from_secs(3600), |st| st.settings.interval),
-    );
-    status_tick.tick().await;
-    let mut limits = RateLimits::new(
-        config.delivery.max_publish_per_sec,
-        config.delivery.max_bytes_per_sec.0,
-    );
-    let mut sched = Scheduler::new(
+    let sched = Scheduler::new(
         super::scheduler::Settings {
             mode: config.batch.payload,
             max_payload: config.batch.max_bytes.0 as usize,
@@ -146,8 +129,7 @@ pub async fn run(
         },
         Instant::now().into_std(),
     );
-
-    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    let (link_tx, link_rx) = mpsc::unbounded_channel();
     let (resume_tx, resume_rx) = mpsc::channel(1);
     let (kick_tx, kick_rx) = mpsc::channel(1);
     let network_up = Arc::new(Notify::new());
@@ -169,189 +151,300 @@ pub async fn run(
             attempt: 0,
         },
     ));
-
-    let mut kicked = false;
-    let mut connected = false;
-    let mut ever_connected = false;
-    let mut outage: Option<(Instant, Class, u32)> = None;
-    let (mut live_done, mut backlog_done) = (false, false);
-    let mut hard_deadline: Option<Instant> = None;
-    let mut last_progress = Instant::now();
-    let mut rate_wait: Option<Instant> = None;
-    let mut completed = Vec::new();
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(250));
-
-    loop {
-        Stats::add(&stats.publisher_beats, 1);
-        stats.connected.store(u64::from(connected), Relaxed);
-        if connected && rate_wait.is_none_or(|w| w <= Instant::now()) {
-            rate_wait = None;
-            hand_over(&mut sched, &client, &settings.topic, &mut limits);
-            if let Some(w) = limits.wait.take() {
-                rate_wait = Some(Instant::now() + w);
-            }
-        }
-        publish_figures(&stats, &sched);
-        if live_done && backlog_done && sched.is_idle() {
-            break;
-        }
-        if hard_deadline.is_none() && stop.is_cancelled() {
-            // A stop: the batches still coming (the one closed at the stop) go out, the
-            // backlog stays in the spool for the next start.
-            hard_deadline = Some(Instant::now() + settings.shutdown_timeout);
-            sched.hold_backlog();
-        }
-        if hard_deadline.is_some() && live_done && sched.live_settled() {
-            break;
-        }
-        let deadline = match (hard_deadline, upstream_done.is_cancelled()) {
-            (Some(d), _) => Some(d),
-            (None, true) => Some(last_progress + settings.shutdown_timeout),
-            (None, false) => None,
-        };
-        let want_live = sched.live_queued() < LIVE_HELD;
-        let want_backlog = hard_deadline.is_none() && sched.wants_backlog();
-        tokio::select! {
-            biased;
-            ev = link_rx.recv() => match ev {
-                Some(LinkEvent::Connected) => {
-                    connected = true;
-                    // A link back is progress: a finished run gets its full wait again.
-                    last_progress = Instant::now();
-                    sched.on_connect(Instant::now().into_std());
-                    if ever_connected {
-                        Stats::add(&stats.reconnects, 1);
-                    }
-                    match outage.take() {
-                        Some((since, _, attempts)) => tracing::info!(
-                            "connected to {} after {:.1}s and {attempts} failed attempt(s); {} message(s) waiting",
-                            settings.endpoint, since.elapsed().as_secs_f64(), sched.queued()
-                        ),
-                        None => tracing::info!("connected to {}", settings.endpoint),
-                    }
-                    ever_connected = true;
-                    if let Some(st) = &status {
-                        sched.push_urgent(st.online());
-                    }
-                }
-                Some(LinkEvent::Sent(pkid)) => match sched.on_sent(pkid) {
-                    Some(len) => {
-                        Stats::add(&stats.messages_published, 1);
-                        Stats::add(&stats.bytes_published, len as u64);
-                    }
-                    None => tracing::warn!("publish with packet id {pkid} matches no message"),
-                },
-                Some(LinkEvent::PubAck(pkid)) => {
-                    Stats::add(&stats.pubacks, 1);
-                    stats.last_ack_ms.store(
-                        (crate::clock::wall_now_us() / 1000).max(0) as u64,
-                        Relaxed,
-                    );
-                    last_progress = Instant::now();
-                    if sched.on_puback(Instant::now().into_std(), pkid, &mut completed) {
-                        for a in completed.drain(..) {
-                            Stats::add(&stats.batches_acked, 1);
-                            Stats::add(&stats.readings_acked, a.records as u64);
-                            let _ = spool.send(Cmd::Ack(a.seq));
-                        }
-                    }
-                }
-                Some(LinkEvent::Disconnected(err)) => {
-                    kicked = false;
-                    stats.set_last_error(err.class.name(), err.to_string());
-                    let requeued = sched.on_disconnect();
-                    Stats::add(&stats.republished, requeued as u64);
-                    report_failure(&mut outage, &err, &settings.endpoint, connected.then_some(requeued));
-                    connected = false;
-                    let _ = resume_tx.send(()).await;
-                }
-                Some(LinkEvent::Closed) | None => break,
-            },
-            p = live.recv(), if want_live && !live_done => match p {
-                Some(p) => p.batches.iter().for_each(|b| sched.push_live(b)),
-                None => live_done = true,
-            },
-            p = backlog.recv(), if want_backlog && !backlog_done => match p {
-                Some(p) => {
-                    p.batches.iter().for_each(|b| sched.push_backlog(b));
-                    let _ = spool.send(Cmd::Wake);
-                }
-                None => backlog_done = true,
-            },
-            _ = sleep_until_opt(rate_wait), if rate_wait.is_some() && connected => {}
-            _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                if !(sched.is_idle() && live_done && backlog_done) {
-                    tracing::warn!(
-                        "stopping with {} batch(es) ({} readings) in flight not acknowledged; the spool keeps them",
-                        sched.open_batches(), sched.open_records()
-                    );
-                }
-                break;
-            }
-            _ = stop.cancelled(), if hard_deadline.is_none() => {}
-            _ = heartbeat.tick() => {
-                if connected && !kicked && let Some(why) = sched.overdue(Instant::now().into_std()) {
-                    let why = match why {
-                        super::scheduler::Overdue::Stalled(d) => format!(
-                            "nothing acknowledged for {:.0}s (the broker or the link is dead)", d.as_secs_f64()),
-                        super::scheduler::Overdue::Lost(d) => format!(
-                            "no PUBACK for {:.0}s while later messages were acknowledged (the broker throttles silently)",
-                            d.as_secs_f64()),
-                    };
-                    kicked = kick_tx.try_send(why).is_ok();
-                }
-            }
-            _ = status_tick.tick(), if status.is_some() => {
-                if let Some(st) = &status {
-                    sched.set_status(st.snapshot(&stats, &spool_stats));
-                }
-            }
-            _ = upstream_done.cancelled(), if !upstream_done.is_cancelled() => {
-                last_progress = Instant::now();
-            }
-        }
-    }
-
-    // Say goodbye properly: a retained offline message, then DISCONNECT, so the broker does
-    // not fire the last will.
-    if connected && let Some(st) = &status {
-        let bye = crate::health::offline(&st.settings.meta, "stopped");
-        let _ = client.try_publish(st.settings.topic.clone(), QoS::AtLeastOnce, true, bye);
-    }
-    if connected && client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(ev) = link_rx.recv().await {
-                if matches!(ev, LinkEvent::Closed) {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
+    let mut p = Publisher {
+        sched,
+        client,
+        topic: settings.topic,
+        endpoint: settings.endpoint,
+        shutdown_timeout: settings.shutdown_timeout,
+        limits: RateLimits::new(
+            config.delivery.max_publish_per_sec,
+            config.delivery.max_bytes_per_sec.0,
+        ),
+        stats,
+        spool_stats: inputs.spool_stats.clone(),
+        spool: inputs.spool.clone(),
+        status,
+        kick_tx,
+        resume_tx,
+        connected: false,
+        ever_connected: false,
+        kicked: false,
+        outage: None,
+        last_progress: Instant::now(),
+        hard_deadline: None,
+        rate_wait: None,
+    };
+    let link_rx = p.drive(inputs, link_rx, &stop).await;
+    p.goodbye(link_rx).await;
     link_stop.cancel();
     let _ = link.await;
     Ok(())
 }
 
-/// Hands the client every message the scheduler and the rate limits let go now.
-fn hand_over(sched: &mut Scheduler, client: &AsyncClient, topic: &str, limits: &mut RateLimits) {
-    let now = Instant::now().into_std();
-    while let Some(msg) = sched.next(now, &mut |len| limits.admit(len)) {
-        let (to, retain) = match &msg.control {
-            Some(c) => (c.topic.clone(), c.retain),
-            None => (topic.to_owned(), false),
-        };
-        if msg.lane == Lane::Backlog {
-            tracing::trace!(
-                "backlog message: {} records, {} bytes",
-                msg.records,
-                msg.payload.len()
-            );
+/// The publisher's state between events.
+struct Publisher {
+    sched: Scheduler,
+    client: AsyncClient,
+    topic: String,
+    endpoint: String,
+    shutdown_timeout: Duration,
+    limits: RateLimits,
+    stats: Arc<Stats>,
+    spool_stats: Arc<crate::spool::SpoolStats>,
+    spool: std::sync::mpsc::Sender<Cmd>,
+    status: Option<StatusTopics>,
+    kick_tx: mpsc::Sender<String>,
+    resume_tx: mpsc::Sender<()>,
+    connected: bool,
+    ever_connected: bool,
+    /// The connection task was asked to drop the connection and has not yet.
+    kicked: bool,
+    /// Since when, of which kind, and how many attempts the current outage has seen.
+    outage: Option<(Instant, Class, u32)>,
+    /// The last PUBACK or connect (a finished run waits `shutdown_timeout` from it).
+    last_progress: Instant,
+    /// Set at a stop: the run ends by then at the latest.
+    hard_deadline: Option<Instant>,
+    /// The rate limits hold the next message until then.
+    rate_wait: Option<Instant>,
+}
+
+impl Publisher {
+    /// The event loop; returns the link events receiver for the goodbye.
+    async fn drive(
+        &mut self,
+        inputs: Inputs,
+        mut link_rx: mpsc::UnboundedReceiver<LinkEvent>,
+        stop: &CancellationToken,
+    ) -> mpsc::UnboundedReceiver<LinkEvent> {
+        let Inputs {
+            mut live,
+            mut backlog,
+            upstream_done,
+            ..
+        } = inputs;
+        let (mut live_done, mut backlog_done) = (false, false);
+        let mut status_tick = tokio::time::interval(
+            self.status
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |st| st.settings.interval),
+        );
+        status_tick.tick().await;
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            Stats::add(&self.stats.publisher_beats, 1);
+            self.stats
+                .connected
+                .store(u64::from(self.connected), Relaxed);
+            self.hand_over();
+            publish_figures(&self.stats, &self.sched);
+            if live_done && backlog_done && self.sched.is_idle() {
+                break;
+            }
+            if self.hard_deadline.is_none() && stop.is_cancelled() {
+                // A stop: the batches still coming (the one closed at the stop) go out, the
+                // backlog stays in the spool for the next start.
+                self.hard_deadline = Some(Instant::now() + self.shutdown_timeout);
+                self.sched.hold_backlog();
+            }
+            if self.hard_deadline.is_some() && live_done && self.sched.live_settled() {
+                break;
+            }
+            let deadline = match (self.hard_deadline, upstream_done.is_cancelled()) {
+                (Some(d), _) => Some(d),
+                (None, true) => Some(self.last_progress + self.shutdown_timeout),
+                (None, false) => None,
+            };
+            let want_live = self.sched.live_queued() < LIVE_HELD;
+            let want_backlog = self.hard_deadline.is_none() && self.sched.wants_backlog();
+            tokio::select! {
+                biased;
+                ev = link_rx.recv() => match ev {
+                    Some(LinkEvent::Closed) | None => break,
+                    Some(ev) => self.on_link(ev).await,
+                },
+                p = live.recv(), if want_live && !live_done => match p {
+                    Some(p) => p.batches.iter().for_each(|b| self.sched.push_live(b)),
+                    None => live_done = true,
+                },
+                p = backlog.recv(), if want_backlog && !backlog_done => match p {
+                    Some(p) => {
+                        p.batches.iter().for_each(|b| self.sched.push_backlog(b));
+                        let _ = self.spool.send(Cmd::Wake);
+                    }
+                    None => backlog_done = true,
+                },
+                _ = sleep_until_opt(self.rate_wait), if self.rate_wait.is_some() && self.connected => {}
+                _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    if !(self.sched.is_idle() && live_done && backlog_done) {
+                        tracing::warn!(
+                            "stopping with {} batch(es) ({} readings) in flight not acknowledged; the spool keeps them",
+                            self.sched.open_batches(), self.sched.open_records()
+                        );
+                    }
+                    break;
+                }
+                _ = stop.cancelled(), if self.hard_deadline.is_none() => {}
+                _ = heartbeat.tick() => self.check_overdue(),
+                _ = status_tick.tick(), if self.status.is_some() => {
+                    if let Some(st) = &self.status {
+                        self.sched.set_status(st.snapshot(&self.stats, &self.spool_stats));
+                    }
+                }
+                _ = upstream_done.cancelled(), if !upstream_done.is_cancelled() => {
+                    self.last_progress = Instant::now();
+                }
+            }
         }
-        if let Err(e) = client.try_publish(to, QoS::AtLeastOnce, retain, msg.payload) {
-            tracing::debug!("MQTT client queue full, retrying later: {e}");
-            sched.unsend_last();
-            break;
+        link_rx
+    }
+
+    async fn on_link(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Connected => self.on_connected(),
+            LinkEvent::Sent(pkid) => match self.sched.on_sent(pkid) {
+                Some(len) => {
+                    Stats::add(&self.stats.messages_published, 1);
+                    Stats::add(&self.stats.bytes_published, len as u64);
+                }
+                None => tracing::warn!("publish with packet id {pkid} matches no message"),
+            },
+            LinkEvent::PubAck(pkid) => self.on_puback(pkid),
+            LinkEvent::Disconnected(err) => {
+                self.on_disconnected(&err);
+                // The connection task clears rumqttc's queues once nothing more is handed over.
+                let _ = self.resume_tx.send(()).await;
+            }
+            LinkEvent::Closed => {}
+        }
+    }
+
+    fn on_connected(&mut self) {
+        self.connected = true;
+        // A link back is progress: a finished run gets its full wait again.
+        self.last_progress = Instant::now();
+        self.sched.on_connect(Instant::now().into_std());
+        if self.ever_connected {
+            Stats::add(&self.stats.reconnects, 1);
+        }
+        self.ever_connected = true;
+        match self.outage.take() {
+            Some((since, _, attempts)) => tracing::info!(
+                "connected to {} after {:.1}s and {attempts} failed attempt(s); {} message(s) waiting",
+                self.endpoint,
+                since.elapsed().as_secs_f64(),
+                self.sched.queued()
+            ),
+            None => tracing::info!("connected to {}", self.endpoint),
+        }
+        if let Some(st) = &self.status {
+            self.sched.push_urgent(st.online());
+        }
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        Stats::add(&self.stats.pubacks, 1);
+        self.stats
+            .last_ack_ms
+            .store((crate::clock::wall_now_us() / 1000).max(0) as u64, Relaxed);
+        self.last_progress = Instant::now();
+        let mut completed = Vec::new();
+        if self
+            .sched
+            .on_puback(Instant::now().into_std(), pkid, &mut completed)
+        {
+            for a in completed {
+                Stats::add(&self.stats.batches_acked, 1);
+                Stats::add(&self.stats.readings_acked, a.records as u64);
+                let _ = self.spool.send(Cmd::Ack(a.seq));
+            }
+        }
+    }
+
+    fn on_disconnected(&mut self, err: &LinkError) {
+        self.kicked = false;
+        self.stats.set_last_error(err.class.name(), err.to_string());
+        let requeued = self.sched.on_disconnect();
+        Stats::add(&self.stats.republished, requeued as u64);
+        report_failure(
+            &mut self.outage,
+            err,
+            &self.endpoint,
+            self.connected.then_some(requeued),
+        );
+        self.connected = false;
+    }
+
+    /// Asks the connection task to drop a connection whose acknowledgements are overdue.
+    fn check_overdue(&mut self) {
+        if !self.connected || self.kicked {
+            return;
+        }
+        let Some(why) = self.sched.overdue(Instant::now().into_std()) else {
+            return;
+        };
+        let why = match why {
+            Overdue::Stalled(d) => format!(
+                "nothing acknowledged for {:.0}s (the broker or the link is dead)",
+                d.as_secs_f64()
+            ),
+            Overdue::Lost(d) => format!(
+                "no PUBACK for {:.0}s while later messages were acknowledged (the broker throttles silently)",
+                d.as_secs_f64()
+            ),
+        };
+        self.kicked = self.kick_tx.try_send(why).is_ok();
+    }
+
+    /// Hands the client every message the scheduler and the rate limits let go now.
+    fn hand_over(&mut self) {
+        if !self.connected || self.rate_wait.is_some_and(|w| w > Instant::now()) {
+            return;
+        }
+        self.rate_wait = None;
+        let now = Instant::now().into_std();
+        let limits = &mut self.limits;
+        while let Some(msg) = self.sched.next(now, &mut |len| limits.admit(len)) {
+            let (to, retain) = match &msg.control {
+                Some(c) => (c.topic.clone(), c.retain),
+                None => (self.topic.clone(), false),
+            };
+            if let Err(e) = self
+                .client
+                .try_publish(to, QoS::AtLeastOnce, retain, msg.payload)
+            {
+                tracing::debug!("MQTT client queue full, retrying later: {e}");
+                self.sched.unsend_last();
+                break;
+            }
+        }
+        if let Some(w) = self.limits.wait.take() {
+            self.rate_wait = Some(Instant::now() + w);
+        }
+    }
+
+    /// A retained offline message, then DISCONNECT, so the broker does not fire the last
+    /// will.
+    async fn goodbye(&mut self, mut link_rx: mpsc::UnboundedReceiver<LinkEvent>) {
+        if !self.connected {
+            return;
+        }
+        if let Some(st) = &self.status {
+            let bye = crate::health::offline(&st.settings.meta, "stopped");
+            let _ = self
+                .client
+                .try_publish(st.settings.topic.clone(), QoS::AtLeastOnce, true, bye);
+        }
+        if self.client.try_disconnect().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some(ev) = link_rx.recv().await {
+                    if matches!(ev, LinkEvent::Closed) {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
     }
 }
