@@ -48,14 +48,20 @@ impl Decoding {
                 "a CAN source needs a DBC file".to_string(),
             )
         })?;
-        let dbc = Dbc::load(path).map_err(|e| ("source.dbc".to_string(), e.to_string()))?;
+        let dbc = Dbc::load_with(path, config.source.dbc_strict)
+            .map_err(|e| ("source.dbc".to_string(), e.to_string()))?;
         let bindings: Vec<(String, SignalBinding)> = config
             .source
             .signals
             .iter()
             .map(|(f, b)| (f.clone(), b.clone()))
             .collect();
-        Self::new(config, &dbc, &bindings, &path.display().to_string())
+        let decoding = Self::new(config, &dbc, &bindings, &path.display().to_string())?;
+        // A defect in a bound message failed the binding above: these are all elsewhere.
+        for defect in dbc.defects() {
+            tracing::warn!("{defect}");
+        }
+        Ok(decoding)
     }
 
     /// The simulated car's bus: the config's own DBC for a CAN source, else the GT3 bus

@@ -77,8 +77,8 @@ pub enum Command {
         /// Configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        /// Do not check the files it names (certificates, key): for a config whose
-        /// certificates are not installed yet.
+        /// Do not check the certificate and key files: for a config whose certificates are
+        /// not installed yet (the DBC and its bindings are still checked).
         #[arg(long)]
         no_files: bool,
     },
@@ -224,7 +224,9 @@ pub fn main() -> ExitCode {
     crate::logging::init(cli.log_format);
     match cli.command {
         Command::CheckConfig { config, no_files } => match Config::load(&config).and_then(|c| {
-            if !no_files {
+            if no_files {
+                c.check_dbc(&config.display().to_string())?;
+            } else {
                 c.check_files(&config.display().to_string())?;
             }
             Ok(c)

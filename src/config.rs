@@ -312,6 +312,10 @@ pub struct Source {
     /// CAN: the DBC file that describes the bus.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dbc: Option<PathBuf>,
+    /// CAN: refuse a DBC file with any defect. Default: a defect outside the bound messages
+    /// is a warning at start and the rest of the file is used (see `dbc::Defect`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dbc_strict: bool,
     /// CAN: each record field bound to a `Message.Signal` of the DBC.
     #[serde(skip_serializing_if = "IndexMap::is_empty")]
     pub signals: IndexMap<String, SignalBinding>,
@@ -335,6 +339,7 @@ impl Default for Source {
             max_line: 512,
             interface: None,
             dbc: None,
+            dbc_strict: false,
             signals: IndexMap::new(),
         }
     }
@@ -936,7 +941,7 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the files the configuration names (certificates, key, DBC): readable and
+    /// Checks the files the configuration names (DBC, certificates, key): readable and
     /// usable. Separate from parsing so a config can be checked before they are installed.
     pub fn check_files(&self, file: &str) -> Result<(), ConfigError> {
         let err = |key: &str, message: String| ConfigError {
@@ -944,9 +949,7 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        if self.source.kind == SourceKind::Can {
-            crate::can::Decoding::from_config(self).map_err(|(key, msg)| err(&key, msg))?;
-        }
+        self.check_dbc(file)?;
         let Some(m) = &self.mqtt else { return Ok(()) };
         for (key, path) in [
             ("mqtt.ca", &m.ca),
@@ -960,6 +963,22 @@ impl Config {
         crate::tls::client_config(m)
             .map(|_| ())
             .map_err(|(key, msg)| err(&key, msg))
+    }
+
+    /// Checks the DBC of a CAN source and the bindings to it, as a start would (`check-config
+    /// --no-files` too: the DBC is part of the configuration, not a secret installed
+    /// later): a defect in a bound message is an error, the others are logged as warnings.
+    pub fn check_dbc(&self, file: &str) -> Result<(), ConfigError> {
+        if self.source.kind != SourceKind::Can {
+            return Ok(());
+        }
+        crate::can::Decoding::from_config(self)
+            .map(|_| ())
+            .map_err(|(key, message)| ConfigError {
+                file: file.to_string(),
+                key,
+                message,
+            })
     }
 
     /// A warning when the private key can be read by anyone but its owner (and group): it
