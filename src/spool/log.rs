@@ -385,8 +385,14 @@ impl SpoolLog {
         let cut = end >= len || version == Version::V1;
         let bytes = if cut { len - at } else { end - at };
         let done = if cut {
-            cut_at(&seg.path, at).map(|()| {
-                format!("cut {bytes} byte(s) ({frames} frame(s)) to the end of the segment")
+            cut_at(&seg.path, at).map(|()| match version {
+                Version::V2 => {
+                    format!("cut {bytes} byte(s) ({frames} frame(s)) to the end of the segment")
+                }
+                // No sync marker to find the next frame by: what follows is lost with it.
+                Version::V1 => format!(
+                    "cut {bytes} byte(s) to the end of the segment (old format: the frames after the damage go with it)"
+                ),
             })
         } else if end - at >= HEADER as u64 {
             mark_hole(&seg.path, at, end).map(|()| {
