@@ -458,13 +458,21 @@ pub struct Mqtt {
     pub ack_timeout: Dur,
 }
 
+/// `delivery.memory_bytes` by default: about half an hour at 10 Hz of ten-record batches,
+/// little for an ECU.
+pub const DEFAULT_MEMORY_BYTES: u64 = 4 << 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Delivery {
     /// How long a stop waits for outstanding PUBACKs.
     pub shutdown_timeout: Dur,
-    /// Batches kept in memory while the spool cannot be written.
+    /// Batches kept in memory while the spool cannot be written (a bound besides
+    /// `memory_bytes`, whichever is reached first; also the most batches waiting for a
+    /// hung disk).
     pub memory_batches: usize,
+    /// Bytes of batches kept in memory while the spool cannot be written.
+    pub memory_bytes: Size,
     pub order: Order,
     /// 0: no limit (a local broker). AWS IoT allows 100 per connection.
     pub max_publish_per_sec: u32,
@@ -477,6 +485,7 @@ impl Default for Delivery {
         Self {
             shutdown_timeout: Dur(Duration::from_secs(5)),
             memory_batches: 3600,
+            memory_bytes: Size(DEFAULT_MEMORY_BYTES),
             order: Order::LiveFirst,
             max_publish_per_sec: 50,
             max_bytes_per_sec: Size(256 * 1024),
@@ -769,6 +778,18 @@ impl Config {
         }
         if self.delivery.memory_batches == 0 {
             return e("delivery.memory_batches", "must be at least 1".into());
+        }
+        // Two of the largest batches: one full batch always fits beside the one coming in.
+        let least = 2 * self.batch.max_bytes.0;
+        if self.delivery.memory_bytes.0 < least {
+            return e(
+                "delivery.memory_bytes",
+                format!(
+                    "expected at least twice batch.max_bytes ({}), got {}",
+                    Size(least),
+                    self.delivery.memory_bytes
+                ),
+            );
         }
         // The token buckets allow a tenth of a second of burst (publishes) and one whole
         // message (bytes) on top of the rate: the caps keep rate + burst within AWS's limits.
@@ -1186,6 +1207,20 @@ mod tests {
             let e = parse(&format!("{base}{extra}")).unwrap_err();
             assert_eq!(e.key, key, "{extra}");
         }
+    }
+
+    #[test]
+    fn memory_bytes_default_and_bound() {
+        let c = parse("[vehicle]\nid = \"GT3\"\n").expect("valid");
+        assert_eq!(c.delivery.memory_bytes.0, 4 << 20);
+        assert_eq!(c.delivery.memory_batches, 3600);
+        let c = parse("[vehicle]\nid = \"GT3\"\n[delivery]\nmemory_bytes = \"256KiB\"\n")
+            .expect("twice batch.max_bytes is enough");
+        assert_eq!(c.delivery.memory_bytes.0, 256 << 10);
+        let e =
+            parse("[vehicle]\nid = \"GT3\"\n[delivery]\nmemory_bytes = \"200KiB\"\n").unwrap_err();
+        assert_eq!(e.key, "delivery.memory_bytes");
+        assert!(e.message.contains("256KiB"), "{}", e.message);
     }
 
     #[test]

@@ -126,6 +126,22 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
                 "held_for_clock_batches": g(&s.held_batches),
             }),
         );
+        // The disk under the spool: while it cannot be written, batches live in memory.
+        let fault = s.fault();
+        m.insert(
+            "spool".into(),
+            json!({
+                "writable": fault.is_none(),
+                "fault": fault.map(|(since, error)| json!({
+                    "error": error,
+                    "since": rfc3339(since as i64),
+                })),
+                "memory_batches": g(&s.memory_batches),
+                "memory_bytes": g(&s.memory_bytes),
+                "memory_limit_bytes": g(&s.memory_limit_bytes),
+                "written_from_memory_batches": g(&s.written_from_memory_batches),
+            }),
+        );
         m.insert(
             "losses".into(),
             json!({
@@ -134,6 +150,7 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
                 "corrupt_bytes": g(&s.corrupt_bytes),
                 "spool_write_errors": g(&s.write_errors),
                 "dropped_from_memory_readings": g(&s.memory_dropped_readings),
+                "dropped_from_memory_batches": g(&s.memory_dropped_batches),
             }),
         );
     }
@@ -221,6 +238,23 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
         }
         out.push('\n');
     }
+    if let Some(sp) = v.get("spool") {
+        let memory = format!(
+            "{} batch(es), {} bytes in memory (bound {} bytes)",
+            n("/spool/memory_batches"),
+            n("/spool/memory_bytes"),
+            n("/spool/memory_limit_bytes")
+        );
+        if sp.get("writable").and_then(Value::as_bool) == Some(false) {
+            out.push_str(&format!(
+                "spool:    NOT WRITABLE since {} ({}): readings kept in memory and published; {memory}\n",
+                s("/spool/fault/since"),
+                s("/spool/fault/error"),
+            ));
+        } else if n("/spool/memory_batches") > 0 {
+            out.push_str(&format!("spool:    writable; {memory}\n"));
+        }
+    }
     out.push_str(&format!(
         "sent:     {} message(s), {} bytes, {} reading(s) acknowledged\n",
         n("/counters/messages_published"),
@@ -250,4 +284,48 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
         out.push_str(&format!("losses:   {l}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_and_render_show_a_spool_fault() {
+        let meta = Meta {
+            vehicle_id: "GT3".into(),
+            session_id: "s".into(),
+            started_ms: 1_705_267_200_000,
+            source: "simulator".into(),
+        };
+        let stats = Stats::new(vec!["engine_rpm".into()]);
+        let spool = SpoolStats::default();
+        let ok = snapshot(&meta, &stats, Some(&spool));
+        assert_eq!(ok["spool"]["writable"], true);
+        assert!(ok["spool"]["fault"].is_null());
+        assert!(!render(&ok, None).contains("NOT WRITABLE"));
+
+        spool.set_fault(Some("No space left on device (os error 28)"));
+        spool
+            .memory_batches
+            .store(3, std::sync::atomic::Ordering::Relaxed);
+        spool
+            .memory_dropped_readings
+            .store(20, std::sync::atomic::Ordering::Relaxed);
+        let v = snapshot(&meta, &stats, Some(&spool));
+        assert_eq!(v["spool"]["writable"], false);
+        assert_eq!(
+            v["spool"]["fault"]["error"],
+            "No space left on device (os error 28)"
+        );
+        assert_eq!(v["spool"]["memory_batches"], 3);
+        assert_eq!(v["losses"]["dropped_from_memory_readings"], 20);
+        let text = render(&v, None);
+        assert!(
+            text.contains("spool:    NOT WRITABLE since ")
+                && text.contains("(No space left on device (os error 28))")
+                && text.contains("3 batch(es)"),
+            "{text}"
+        );
+    }
 }

@@ -42,8 +42,19 @@ pub fn status_line(stats: &Stats, spool: Option<&SpoolStats>) -> String {
         }
     };
     let backlog = spool.map_or(0, |s| Stats::get(&s.unacked_batches));
+    // A spool that cannot be written comes first: readings are only in memory.
+    let fault = spool
+        .and_then(|s| {
+            s.fault().map(|(_, error)| {
+                format!(
+                    "SPOOL NOT WRITABLE ({error}): {} batch(es) in memory; ",
+                    Stats::get(&s.memory_batches)
+                )
+            })
+        })
+        .unwrap_or_default();
     format!(
-        "{link}; backlog {backlog} batch(es); last PUBACK {last}; {} readings, {} acknowledged",
+        "{fault}{link}; backlog {backlog} batch(es); last PUBACK {last}; {} readings, {} acknowledged",
         g(&stats.readings),
         g(&stats.readings_acked)
     )
@@ -113,5 +124,30 @@ pub async fn supervise(
             );
         }
         send(&[NotifyState::Status(&status)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_leads_with_a_spool_fault() {
+        let stats = Stats::new(vec!["engine_rpm".into()]);
+        let spool = SpoolStats::default();
+        assert!(!status_line(&stats, Some(&spool)).contains("SPOOL"));
+        spool.set_fault(Some("Read-only file system (os error 30)"));
+        spool
+            .memory_batches
+            .store(7, std::sync::atomic::Ordering::Relaxed);
+        let line = status_line(&stats, Some(&spool));
+        assert!(
+            line.starts_with(
+                "SPOOL NOT WRITABLE (Read-only file system (os error 30)): 7 batch(es) in memory; "
+            ),
+            "{line}"
+        );
+        spool.set_fault(None);
+        assert!(!status_line(&stats, Some(&spool)).contains("SPOOL"));
     }
 }

@@ -103,8 +103,10 @@ pub async fn run(
     let (reading_tx, reading_rx) = mpsc::channel::<Reading>(256);
     let upstream_done = CancellationToken::new();
 
-    // The spool and the publisher start first: a spool that cannot be opened stops the
-    // start, before sampling.
+    // The spool and the publisher start first: a spool.dir that can never be a spool (not
+    // a directory, not ours, another agent's) stops the start, before sampling. A disk
+    // that is full, read-only or failing does not: the spool thread runs from memory and
+    // takes the spool up when the disk allows (see `spool::service`).
     let (out, delivery) = match sink {
         Sink::Mqtt => {
             let m = config.mqtt.as_ref().ok_or_else(|| StartError {
@@ -140,6 +142,7 @@ pub async fn run(
                 mode: config.batch.payload,
                 max_payload: config.batch.max_bytes.0 as usize,
                 memory_batches: config.delivery.memory_batches,
+                memory_bytes: usize::try_from(config.delivery.memory_bytes.0).unwrap_or(usize::MAX),
             };
             let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
             let (thread, channels) = spool::service::start(
@@ -149,7 +152,7 @@ pub async fn run(
             )
             .map_err(|e| StartError {
                 key: "spool.dir".into(),
-                message: format!("cannot open the spool in {}: {e}", spool_opts.dir.display()),
+                message: format!("cannot use {} as the spool: {e}", spool_opts.dir.display()),
             })?;
             let inputs = Inputs {
                 live: channels.live,

@@ -4,23 +4,38 @@
 //! syncs on the interval.
 //!
 //! A thread, not a task: `fsync` on an SD card can take a long time, and the sampler must
-//! never wait for it. When the disk cannot be written (full, read-only, I/O errors), new
-//! batches are kept in a bounded memory buffer and still published; the spool is tried
-//! again with every batch and used as soon as it works.
+//! never wait for it.
+//!
+//! When the disk cannot be written (full, read-only, I/O errors), even at start when the
+//! spool cannot be opened at all, new batches are kept in a memory buffer bounded by bytes
+//! (`delivery.memory_bytes`) and by count (`delivery.memory_batches`), and still published.
+//! The fault is logged, shown in the status and in systemd's STATUS. Every second the disk
+//! is tried again (the spool opened, or the oldest batch in memory written); once it takes
+//! writes, every batch in memory that the broker has not acknowledged is written to it,
+//! oldest first and before any newer batch, and synced. A batch the bound pushes out of
+//! memory before it was handed to the publisher is lost: counted and logged. One already
+//! handed out is lost only if its PUBACK never comes; that is counted at the stop.
 
 use super::boots::Boots;
 use super::log::{Dropped, Losses, Options, SpoolLog, Summary};
 use crate::batch::{Batch, RECORDS_ENVELOPE};
 use crate::config::{Order, PayloadMode};
 use crate::stats::Stats;
-use std::collections::VecDeque;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// Sequence numbers of batches kept in memory start here, far above any the disk log gives
+/// out: an acknowledgement tells at once whether it names a batch on disk or in memory.
+const MEMORY_SEQ_BASE: u64 = 1 << 62;
+/// How often a disk that failed is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How often losses from the memory buffer are logged while they go on.
+const LOSS_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// What the spool thread is asked to do.
 #[derive(Debug)]
@@ -60,7 +75,10 @@ pub struct Settings {
     pub order: Order,
     pub mode: PayloadMode,
     pub max_payload: usize,
+    /// The most batches the memory buffer holds while the disk cannot be written.
     pub memory_batches: usize,
+    /// The most bytes (records, see [`memory_cost`]) the memory buffer holds.
+    pub memory_bytes: usize,
 }
 
 /// Counters of the spool, shared with the health reporting.
@@ -73,6 +91,7 @@ pub struct SpoolStats {
     pub corrupt_cuts: AtomicU64,
     pub write_errors: AtomicU64,
     pub memory_dropped_readings: AtomicU64,
+    pub memory_dropped_batches: AtomicU64,
     pub backlog_parcels: AtomicU64,
     /// Readings in the unacknowledged batches the spool has seen (exact once the backlog
     /// has been read since the start).
@@ -83,13 +102,24 @@ pub struct SpoolStats {
     pub held_batches: AtomicU64,
     /// Batches sent to the spool thread and not yet taken (grows only if the disk hangs).
     pub queued_appends: AtomicU64,
+    /// Since when (wall clock, epoch ms) the spool cannot be written; 0: it can.
+    pub fault_since_ms: AtomicU64,
+    /// What the disk said, while `fault_since_ms` is set.
+    pub fault_error: Mutex<String>,
+    /// Batches (and their bytes) held in memory because the disk would not take them.
+    pub memory_batches: AtomicU64,
+    pub memory_bytes: AtomicU64,
+    /// The byte bound of the memory buffer (`delivery.memory_bytes`).
+    pub memory_limit_bytes: AtomicU64,
+    /// Batches written to the spool from memory once the disk took writes again.
+    pub written_from_memory_batches: AtomicU64,
 }
 
 impl SpoolStats {
     pub fn line(&self) -> String {
         let g = Stats::get;
         format!(
-            "spool: unacked_batches={} bytes={} dropped_at_cap_readings={} corrupt_cuts={} corrupt_bytes={} write_errors={} dropped_from_memory_readings={}",
+            "spool: unacked_batches={} bytes={} dropped_at_cap_readings={} corrupt_cuts={} corrupt_bytes={} write_errors={} dropped_from_memory_readings={} dropped_from_memory_batches={} written_from_memory_batches={} memory_batches={}",
             g(&self.unacked_batches),
             g(&self.bytes),
             g(&self.cap_dropped_readings),
@@ -97,7 +127,41 @@ impl SpoolStats {
             g(&self.corrupt_bytes),
             g(&self.write_errors),
             g(&self.memory_dropped_readings),
+            g(&self.memory_dropped_batches),
+            g(&self.written_from_memory_batches),
+            g(&self.memory_batches),
         )
+    }
+
+    /// The disk fault, if the spool cannot be written now: (since, epoch ms; the error).
+    pub fn fault(&self) -> Option<(u64, String)> {
+        let since = Stats::get(&self.fault_since_ms);
+        if since == 0 {
+            return None;
+        }
+        let error = self
+            .fault_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        Some((since, error))
+    }
+
+    /// Records the disk fault (`None`: the spool is writable).
+    pub fn set_fault(&self, error: Option<&str>) {
+        let mut text = self.fault_error.lock().unwrap_or_else(|p| p.into_inner());
+        match error {
+            Some(e) => {
+                text.clear();
+                text.push_str(e);
+                let now = (crate::clock::wall_now_us() / 1000).max(1) as u64;
+                self.fault_since_ms.store(now, Relaxed);
+            }
+            None => {
+                text.clear();
+                self.fault_since_ms.store(0, Relaxed);
+            }
+        }
     }
 }
 
@@ -106,41 +170,90 @@ pub struct Channels {
     pub backlog: mpsc::Receiver<Parcel>,
 }
 
+/// Whether an error opening the spool is the configuration's (exit 2), not the disk's. No
+/// state of the disk mends these: `spool.dir` (or a parent) is not a directory, is not
+/// accessible to the agent's user, is not a valid path, or another agent holds it. A full,
+/// read-only or failing disk (ENOSPC, EDQUOT, EROFS, EIO, ...) is the disk's: the agent
+/// runs from memory and takes the spool up when it can.
+pub fn is_config_error(e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        // The lock: another agent runs on this spool.
+        return true;
+    }
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOTDIR
+                | libc::EEXIST
+                | libc::EISDIR
+                | libc::EACCES
+                | libc::EPERM
+                | libc::ENAMETOOLONG
+                | libc::ELOOP
+                | libc::EINVAL
+        )
+    )
+}
+
+/// What a batch costs the memory buffer: its records and their offsets.
+pub fn memory_cost(b: &Batch) -> usize {
+    b.body.len() + 4 * b.ends.len()
+}
+
 /// Opens the spool (recovering it) and starts its thread. The thread ends once every
 /// `Sender<Cmd>` is gone, after a final sync.
+///
+/// An error is returned only for a configuration error ([`is_config_error`]). When the
+/// disk is at fault the thread starts without the spool, keeps batches in memory, and
+/// opens the spool as soon as the disk allows.
 pub fn start(
     settings: Settings,
     cmds: Receiver<Cmd>,
     spool_stats: Arc<SpoolStats>,
 ) -> io::Result<(std::thread::JoinHandle<()>, Channels)> {
-    let log = SpoolLog::open(settings.log.clone())?;
-    report_recovery(&log);
+    let (log, open_error) = match SpoolLog::open(settings.log.clone()) {
+        Ok(log) => {
+            report_recovery(&log);
+            (Some(log), None)
+        }
+        Err(e) if is_config_error(&e) => return Err(e),
+        Err(e) => (None, Some(e)),
+    };
     let boots = Boots::load(&settings.log.dir);
     let (live_tx, live) = mpsc::channel(4);
     let (backlog_tx, backlog) = mpsc::channel(2);
+    spool_stats
+        .memory_limit_bytes
+        .store(settings.memory_bytes as u64, Relaxed);
+    let mut svc = Service {
+        log,
+        settings,
+        live_tx: Some(live_tx),
+        backlog_tx: Some(backlog_tx),
+        pending: None,
+        carry: None,
+        memory: Memory::default(),
+        next_memory_seq: MEMORY_SEQ_BASE,
+        unretained: BTreeMap::new(),
+        alias: HashMap::new(),
+        losses: LossReport::default(),
+        fault: None,
+        next_retry: Instant::now() + RETRY_EVERY,
+        last_sync: Instant::now(),
+        spool_stats,
+        known: BTreeMap::new(),
+        known_readings: 0,
+        scanning: true,
+        boots,
+        held: BTreeSet::new(),
+        upstream_open: true,
+    };
+    if let Some(e) = open_error {
+        svc.disk_error(&e);
+    }
     let handle = std::thread::Builder::new()
         .name("spool".into())
-        .spawn(move || {
-            let svc = Service {
-                log,
-                settings,
-                live_tx: Some(live_tx),
-                backlog_tx: Some(backlog_tx),
-                pending: None,
-                carry: None,
-                memory: VecDeque::new(),
-                fault: None,
-                last_sync: Instant::now(),
-                spool_stats,
-                known: BTreeMap::new(),
-                known_readings: 0,
-                scanning: true,
-                boots,
-                held: BTreeSet::new(),
-                upstream_open: true,
-            };
-            svc.run(cmds);
-        })?;
+        .spawn(move || svc.run(cmds))?;
     Ok((handle, Channels { live, backlog }))
 }
 
@@ -162,8 +275,106 @@ struct Fault {
     error: String,
 }
 
+/// A batch the disk has not taken (yet).
+struct Kept {
+    batch: Batch,
+    /// Handed to the publisher (which holds its own copy until the PUBACK).
+    handed: bool,
+}
+
+/// Batches not on disk and not acknowledged, oldest first; bounded by bytes and count.
+#[derive(Default)]
+struct Memory {
+    batches: VecDeque<Kept>,
+    bytes: usize,
+}
+
+impl Memory {
+    fn push(&mut self, batch: Batch) {
+        self.bytes += memory_cost(&batch);
+        self.batches.push_back(Kept {
+            batch,
+            handed: false,
+        });
+    }
+
+    fn remove(&mut self, idx: usize) -> Option<Kept> {
+        let k = self.batches.remove(idx)?;
+        self.bytes = self.bytes.saturating_sub(memory_cost(&k.batch));
+        Some(k)
+    }
+
+    fn pop_front(&mut self) -> Option<Kept> {
+        self.remove(0)
+    }
+
+    fn push_front(&mut self, k: Kept) {
+        self.bytes += memory_cost(&k.batch);
+        self.batches.push_front(k);
+    }
+
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.batches.iter().position(|k| k.batch.seq == seq)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.batches.len()
+    }
+}
+
+/// Readings dropped from the memory buffer and not logged yet (one line per
+/// `LOSS_REPORT_EVERY` while it goes on, so a long outage does not flood the log).
+#[derive(Default)]
+struct LossReport {
+    readings: u64,
+    batches: u64,
+    first_at: Option<i64>,
+    last_at: Option<i64>,
+    last_logged: Option<Instant>,
+}
+
+impl LossReport {
+    fn add(&mut self, b: &Batch) {
+        self.readings += b.len() as u64;
+        self.batches += 1;
+        self.first_at = Some(self.first_at.map_or(b.first_at, |t| t.min(b.first_at)));
+        self.last_at = Some(self.last_at.map_or(b.last_at, |t| t.max(b.last_at)));
+    }
+
+    /// Logs what is pending if `force`, or if the last line is old enough.
+    fn flush(&mut self, force: bool, why: &str) {
+        if self.batches == 0 {
+            return;
+        }
+        if !force
+            && self
+                .last_logged
+                .is_some_and(|t| t.elapsed() < LOSS_REPORT_EVERY)
+        {
+            return;
+        }
+        let ms = |t: Option<i64>| t.map_or_else(|| "?".to_string(), |t| (t / 1000).to_string());
+        tracing::error!(
+            "{why}: dropped {} reading(s) in {} batch(es) from the memory buffer, sampled from {} ms to {} ms",
+            self.readings,
+            self.batches,
+            ms(self.first_at),
+            ms(self.last_at)
+        );
+        *self = LossReport {
+            last_logged: Some(Instant::now()),
+            ..LossReport::default()
+        };
+    }
+}
+
 struct Service {
-    log: SpoolLog,
+    /// `None` while the spool could not be opened (a disk fault at start).
+    log: Option<SpoolLog>,
     settings: Settings,
     live_tx: Option<mpsc::Sender<Parcel>>,
     backlog_tx: Option<mpsc::Sender<Parcel>>,
@@ -171,9 +382,19 @@ struct Service {
     pending: Option<Parcel>,
     /// A batch read from the backlog that did not fit the last parcel.
     carry: Option<Batch>,
-    /// Batches the disk would not take, not yet handed out.
-    memory: VecDeque<Batch>,
+    /// Batches the disk would not take, not acknowledged yet.
+    memory: Memory,
+    next_memory_seq: u64,
+    /// Batches handed out from memory that the bound pushed out of it before their PUBACK:
+    /// seq → readings. Delivered if the PUBACK comes, lost (and counted) otherwise.
+    unretained: BTreeMap<u64, u64>,
+    /// Batches handed out from memory and written to the disk since: memory seq → disk
+    /// seq, so that their PUBACK acknowledges the copy on disk.
+    alias: HashMap<u64, u64>,
+    losses: LossReport,
     fault: Option<Fault>,
+    /// When the failed disk is tried again.
+    next_retry: Instant,
     last_sync: Instant,
     spool_stats: Arc<SpoolStats>,
     /// Unacknowledged batches known: readings and sampling time, for the health report.
@@ -189,12 +410,19 @@ struct Service {
 impl Service {
     fn run(mut self, cmds: Receiver<Cmd>) {
         loop {
+            if self.fault.is_some() && Instant::now() >= self.next_retry {
+                self.retry_disk();
+            }
             self.fill_backlog();
+            self.report_losses(false);
             self.publish_stats();
-            if !self.upstream_open && self.drained() {
-                // Nothing more will come: closing the channels tells the publisher so.
+            if !self.upstream_open && self.memory_handed_out() {
+                // The last live batch is out: closing the channel tells the publisher so.
                 self.live_tx = None;
-                self.backlog_tx = None;
+                if self.drained() {
+                    // Nothing more will come.
+                    self.backlog_tx = None;
+                }
             }
             let wait = match self.settings.sync_interval {
                 Some(i) => i
@@ -208,23 +436,27 @@ impl Service {
             } else {
                 wait
             };
+            let wait = if self.fault.is_some() {
+                wait.min(
+                    self.next_retry
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                )
+            } else {
+                wait
+            };
             match cmds.recv_timeout(wait) {
                 Ok(Cmd::Append(b)) => {
                     self.spool_stats.queued_appends.fetch_sub(1, Relaxed);
                     self.append(b)
                 }
-                Ok(Cmd::Ack(seq)) => {
-                    self.forget(seq);
-                    if let Err(e) = self.log.ack(seq) {
-                        self.disk_error(&e);
-                    }
-                }
+                Ok(Cmd::Ack(seq)) => self.ack(seq),
                 Ok(Cmd::Wake) => {}
                 Ok(Cmd::UpstreamDone) => {
                     self.upstream_open = false;
                     // No new batch will come: closing the live channel (once the memory
                     // buffer is handed out) tells the publisher the last one is in.
-                    if self.memory.is_empty() {
+                    if self.memory_handed_out() {
                         self.live_tx = None;
                     }
                 }
@@ -232,19 +464,23 @@ impl Service {
                     if let Err(e) = self.boots.set(boot_id, offset) {
                         tracing::warn!("spool: cannot record the clock offset of this boot: {e}");
                     }
-                    if !self.held.is_empty() {
+                    if !self.held.is_empty()
+                        && let Some(log) = &mut self.log
+                    {
                         tracing::info!(
                             "clock trusted: {} held batch(es) converted to UTC and queued",
                             self.held.len()
                         );
                         let held = std::mem::take(&mut self.held);
-                        self.log.release(&held);
+                        log.release(&held);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.scanning {
+                    if self.scanning
+                        && let Some(log) = &mut self.log
+                    {
                         let before = self.known.len();
-                        self.scanning = self.log.scan_step(&mut self.known);
+                        self.scanning = log.scan_step(&mut self.known);
                         self.recount(before);
                     }
                 }
@@ -258,10 +494,52 @@ impl Service {
                 self.sync();
             }
         }
+        self.finish();
+    }
+
+    /// The end: what memory still holds goes to the disk if it can; what cannot is lost,
+    /// counted and logged; then the final sync.
+    fn finish(&mut self) {
+        if self.fault.is_some() {
+            self.retry_disk();
+        }
+        let mut lost_batches = 0u64;
+        while let Some(k) = self.memory.pop_front() {
+            self.losses.add(&k.batch);
+            lost_batches += 1;
+            Stats::add(&self.spool_stats.memory_dropped_batches, 1);
+            Stats::add(
+                &self.spool_stats.memory_dropped_readings,
+                k.batch.len() as u64,
+            );
+        }
+        // Pushed out of memory while the publisher had them, never acknowledged.
+        let unretained = std::mem::take(&mut self.unretained);
+        for readings in unretained.values() {
+            self.losses.readings += readings;
+            self.losses.batches += 1;
+            Stats::add(&self.spool_stats.memory_dropped_batches, 1);
+            Stats::add(&self.spool_stats.memory_dropped_readings, *readings);
+        }
+        if lost_batches > 0 || !unretained.is_empty() {
+            self.losses.flush(
+                true,
+                "stopping with the spool not writable (never written to disk nor acknowledged)",
+            );
+        } else {
+            self.report_losses(true);
+        }
         self.publish_stats();
-        let bytes = self.log.bytes();
-        let unacked = self.log.unacked_batches();
-        if let Err(e) = self.log.close() {
+        let Some(log) = self.log.take() else {
+            tracing::error!(
+                "spool {} never opened: nothing kept for the next start",
+                self.settings.log.dir.display()
+            );
+            return;
+        };
+        let bytes = log.bytes();
+        let unacked = log.unacked_batches();
+        if let Err(e) = log.close() {
             tracing::error!("spool: final sync failed: {e}");
         }
         if unacked > 0 {
@@ -269,6 +547,21 @@ impl Service {
                 "spool keeps {unacked} unacknowledged batch(es), {bytes} bytes, for the next start"
             );
         }
+    }
+
+    fn report_losses(&mut self, force: bool) {
+        if self.losses.batches > 0 {
+            let why = self.loss_reason();
+            self.losses.flush(force, &why);
+        }
+    }
+
+    fn loss_reason(&self) -> String {
+        format!(
+            "memory buffer full (delivery.memory_bytes = {}, delivery.memory_batches = {}) while the spool is not writable",
+            crate::units::Size(self.settings.memory_bytes as u64),
+            self.settings.memory_batches
+        )
     }
 
     fn remember(&mut self, b: &Batch) {
@@ -289,65 +582,146 @@ impl Service {
 
     /// After a scan or a cap drop changed `known` in bulk.
     fn recount(&mut self, _before: usize) {
-        let base = self.log.base();
+        let Some(log) = &self.log else { return };
+        let base = log.base();
         self.known = self.known.split_off(&base);
         self.known_readings = self.known.values().map(|&(n, _)| u64::from(n)).sum();
     }
 
-    /// Nothing more to hand out (held batches wait for a clock that may never come).
+    /// Nothing more to hand out (held batches wait for a clock that may never come; batches
+    /// in memory already handed out wait only for their PUBACK).
     fn drained(&self) -> bool {
-        self.pending.is_none()
-            && self.carry.is_none()
-            && self
-                .memory
-                .iter()
-                .all(|b| b.boot.is_some_and(|id| self.boots.get(&id).is_none()))
+        self.pending.is_none() && self.carry.is_none() && self.memory_handed_out()
     }
 
-    fn append(&mut self, mut b: Batch) {
-        match self.log.append(&mut b) {
+    /// Every batch in memory that may go out has been handed to the publisher.
+    fn memory_handed_out(&self) -> bool {
+        self.memory
+            .batches
+            .iter()
+            .all(|k| k.handed || !self.may_hand_out(&k.batch))
+    }
+
+    /// A batch stamped on a boot clock goes out only once that clock's offset is known.
+    fn may_hand_out(&self, b: &Batch) -> bool {
+        b.boot.is_none_or(|id| self.boots.get(&id).is_some())
+    }
+
+    fn ack(&mut self, seq: u64) {
+        if seq < MEMORY_SEQ_BASE {
+            self.ack_on_disk(seq);
+            return;
+        }
+        if let Some(idx) = self.memory.position(seq) {
+            // Delivered before the disk took it: it never needs to go there.
+            self.memory.remove(idx);
+        }
+        self.unretained.remove(&seq);
+        if let Some(disk_seq) = self.alias.remove(&seq) {
+            self.ack_on_disk(disk_seq);
+        }
+    }
+
+    fn ack_on_disk(&mut self, seq: u64) {
+        self.forget(seq);
+        let Some(log) = &mut self.log else { return };
+        if let Err(e) = log.ack(seq) {
+            self.disk_error(&e);
+        }
+    }
+
+    fn append(&mut self, b: Batch) {
+        if self.fault.is_none() && self.memory.is_empty() {
+            match self.write(b) {
+                Ok(b) => {
+                    if self.settings.sync_interval.is_none() {
+                        self.sync();
+                    }
+                    let may_go_live = match self.settings.order {
+                        Order::LiveFirst => true,
+                        Order::Fifo => false,
+                    } && b.boot.is_none();
+                    if may_go_live {
+                        self.hand_live(b);
+                    }
+                }
+                Err((b, e)) => {
+                    self.disk_error(&e);
+                    self.keep(b);
+                }
+            }
+        } else {
+            // Nothing new goes to the disk before what memory holds.
+            self.keep(b);
+        }
+        self.flush_memory();
+    }
+
+    /// Appends one batch to the spool; on failure the batch comes back as it was.
+    fn write(&mut self, mut b: Batch) -> Result<Batch, (Batch, io::Error)> {
+        let seq = b.seq;
+        let Some(log) = &mut self.log else {
+            let e = io::Error::other("the spool is not open");
+            return Err((b, e));
+        };
+        let before = log.next_seq();
+        match log.append(&mut b) {
             Ok(dropped) => {
                 self.remember(&b);
                 if dropped.batches > 0 {
                     self.recount(0);
                 }
-                if let Some(f) = self.fault.take() {
-                    tracing::warn!(
-                        "spool writable again after {:.0}s ({}); {} batch(es) held in memory meanwhile",
-                        f.since.elapsed().as_secs_f64(),
-                        f.error,
-                        self.memory.len()
-                    );
-                }
                 report_dropped(dropped);
-                if self.settings.sync_interval.is_none() {
-                    self.sync();
-                }
-                let may_go_live = match self.settings.order {
-                    Order::LiveFirst => true,
-                    Order::Fifo => false,
-                } && b.boot.is_none();
-                if may_go_live && self.memory.is_empty() {
-                    self.hand_live(b);
-                }
+                Ok(b)
+            }
+            Err(e) if log.next_seq() > before => {
+                // Written; what failed came after (the clean-up at the size cap).
+                Stats::add(&self.spool_stats.write_errors, 1);
+                tracing::error!(
+                    "spool {}: a batch was written but the clean-up after it failed: {e}",
+                    log.dir().display()
+                );
+                self.remember(&b);
+                self.recount(0);
+                Ok(b)
             }
             Err(e) => {
-                self.disk_error(&e);
-                b.seq = self.log.reserve_seq();
-                self.memory.push_back(b);
-                while self.memory.len() > self.settings.memory_batches {
-                    if let Some(old) = self.memory.pop_front() {
-                        Stats::add(&self.spool_stats.memory_dropped_readings, old.len() as u64);
-                        tracing::error!(
-                            "memory buffer full while the spool is not writable: dropped {} reading(s) from {} ms",
-                            old.len(),
-                            old.first_at / 1000
-                        );
-                    }
-                }
+                b.seq = seq;
+                Err((b, e))
             }
         }
-        self.flush_memory();
+    }
+
+    /// Keeps a batch the disk did not take, within the memory bound.
+    fn keep(&mut self, mut b: Batch) {
+        b.seq = self.next_memory_seq;
+        self.next_memory_seq += 1;
+        self.memory.push(b);
+        while self.memory.bytes > self.settings.memory_bytes
+            || self.memory.len() > self.settings.memory_batches
+        {
+            // The oldest batch that only memory holds goes; failing that, the oldest one
+            // the publisher holds too stops being kept for the disk.
+            match self.memory.batches.iter().position(|k| !k.handed) {
+                Some(idx) => {
+                    if let Some(k) = self.memory.remove(idx) {
+                        Stats::add(&self.spool_stats.memory_dropped_batches, 1);
+                        Stats::add(
+                            &self.spool_stats.memory_dropped_readings,
+                            k.batch.len() as u64,
+                        );
+                        self.losses.add(&k.batch);
+                    }
+                }
+                None => match self.memory.pop_front() {
+                    Some(k) => {
+                        self.unretained.insert(k.batch.seq, k.batch.len() as u64);
+                    }
+                    None => break,
+                },
+            }
+        }
+        self.report_losses(false);
     }
 
     /// Offers a just-written batch to the publisher at once; if it has no room the batch
@@ -358,18 +732,109 @@ impl Service {
             return;
         }
         let seq = b.seq;
-        if tx.try_send(Parcel::of_batch(&b)).is_ok() {
-            self.log.handed_live(seq);
+        if tx.try_send(Parcel::of_batch(&b)).is_ok()
+            && let Some(log) = &mut self.log
+        {
+            log.handed_live(seq);
         }
     }
 
+    /// Hands the batches in memory to the publisher, oldest first, as the live channel has
+    /// room; they stay in memory (for the disk) until their PUBACK.
     fn flush_memory(&mut self) {
         let Some(tx) = &self.live_tx else { return };
-        while let Some(b) = self.memory.front() {
-            if tx.try_send(Parcel::of_batch(b)).is_err() {
+        for k in self.memory.batches.iter_mut().filter(|k| !k.handed) {
+            if tx.capacity() == 0 {
                 break;
             }
-            self.memory.pop_front();
+            let parcel = match k.batch.boot {
+                None => Parcel::of_batch(&k.batch),
+                Some(id) => match self.boots.get(&id) {
+                    Some(offset) => {
+                        let mut b = k.batch.clone();
+                        b.shift_timestamps(offset);
+                        Parcel { batches: vec![b] }
+                    }
+                    // Never published with an invented time: kept (and written to the
+                    // disk when it can be) until the offset of its boot is known.
+                    None => continue,
+                },
+            };
+            if tx.try_send(parcel).is_err() {
+                break;
+            }
+            k.handed = true;
+        }
+    }
+
+    /// Tries the failed disk again: opens the spool if it is not open, then writes what
+    /// memory holds to it, oldest first. The fault ends when all of it is written and
+    /// synced.
+    fn retry_disk(&mut self) {
+        self.next_retry = Instant::now() + RETRY_EVERY;
+        if self.log.is_none() {
+            match SpoolLog::open(self.settings.log.clone()) {
+                Ok(log) => {
+                    tracing::info!("spool {} opened", log.dir().display());
+                    report_recovery(&log);
+                    self.log = Some(log);
+                    self.scanning = true;
+                }
+                Err(e) => {
+                    self.disk_error(&e);
+                    return;
+                }
+            }
+        }
+        let mut written = 0u64;
+        while let Some(k) = self.memory.pop_front() {
+            let memory_seq = k.batch.seq;
+            match self.write(k.batch) {
+                Ok(b) => {
+                    written += 1;
+                    Stats::add(&self.spool_stats.written_from_memory_batches, 1);
+                    if k.handed {
+                        // The publisher has it: its PUBACK names the memory seq.
+                        self.alias.insert(memory_seq, b.seq);
+                        if let Some(log) = &mut self.log {
+                            log.handed_live(b.seq);
+                        }
+                    }
+                    // Not handed out: the backlog reads it from the disk.
+                }
+                Err((batch, e)) => {
+                    self.memory.push_front(Kept {
+                        batch,
+                        handed: k.handed,
+                    });
+                    self.disk_error(&e);
+                    if written > 0 {
+                        tracing::warn!(
+                            "spool: {written} batch(es) from memory written before the disk failed again; {} still in memory",
+                            self.memory.len()
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+        // Durable before the fault is declared over.
+        if let Some(log) = &mut self.log
+            && let Err(e) = log.sync()
+        {
+            self.last_sync = Instant::now();
+            self.disk_error(&e);
+            return;
+        }
+        self.last_sync = Instant::now();
+        self.report_losses(true);
+        if let Some(f) = self.fault.take() {
+            self.spool_stats.set_fault(None);
+            tracing::warn!(
+                "spool writable again after {:.0}s ({}); {written} batch(es) from memory written to it, oldest first",
+                f.since.elapsed().as_secs_f64(),
+                f.error,
+            );
         }
     }
 
@@ -395,9 +860,10 @@ impl Service {
             loop {
                 let next = match self.carry.take() {
                     Some(b) => Some(b),
-                    None => match self.log.next_backlog() {
-                        Ok(b) => b,
-                        Err(e) => {
+                    None => match self.log.as_mut().map(SpoolLog::next_backlog) {
+                        None => None,
+                        Some(Ok(b)) => b,
+                        Some(Err(e)) => {
                             self.disk_error(&e);
                             None
                         }
@@ -437,32 +903,45 @@ impl Service {
         if self.fault.is_some() {
             return;
         }
-        if let Err(e) = self.log.sync() {
+        let Some(log) = &mut self.log else { return };
+        if let Err(e) = log.sync() {
             self.disk_error(&e);
         }
     }
 
     fn disk_error(&mut self, e: &io::Error) {
         Stats::add(&self.spool_stats.write_errors, 1);
+        let dir = self.settings.log.dir.display();
         match &mut self.fault {
             None => {
+                let what = if self.log.is_some() {
+                    ""
+                } else {
+                    " and cannot be opened"
+                };
                 tracing::error!(
-                    "spool {} not writable ({e}): new readings are kept in memory (at most {} batches) and still published; will retry",
-                    self.log.dir().display(),
-                    self.settings.memory_batches
+                    "spool {dir} not writable ({e}){what}: new readings are kept in memory (at most {} or {} batches) and still published; trying again every {}s",
+                    crate::units::Size(self.settings.memory_bytes as u64),
+                    self.settings.memory_batches,
+                    RETRY_EVERY.as_secs()
                 );
                 self.fault = Some(Fault {
                     since: Instant::now(),
                     last_report: Instant::now(),
                     error: e.to_string(),
                 });
+                self.spool_stats.set_fault(Some(&e.to_string()));
+                self.next_retry = Instant::now() + RETRY_EVERY;
             }
             Some(f) if f.last_report.elapsed() >= Duration::from_secs(60) => {
                 f.last_report = Instant::now();
+                f.error = e.to_string();
+                self.spool_stats.set_fault(Some(&f.error));
                 tracing::error!(
-                    "spool still not writable after {:.0}s ({e}); {} batch(es) in memory",
+                    "spool {dir} still not writable after {:.0}s ({e}); {} batch(es), {} bytes in memory",
                     f.since.elapsed().as_secs_f64(),
-                    self.memory.len()
+                    self.memory.len(),
+                    self.memory.bytes
                 );
             }
             Some(_) => {}
@@ -471,22 +950,25 @@ impl Service {
 
     fn publish_stats(&self) {
         let s = &self.spool_stats;
-        let Losses {
-            cap_readings,
-            corrupt_bytes,
-            corrupt_cuts,
-            ..
-        } = self.log.losses;
-        s.unacked_batches.store(self.log.unacked_batches(), Relaxed);
-        s.unacked_readings.store(self.known_readings, Relaxed);
+        s.memory_batches.store(self.memory.len() as u64, Relaxed);
+        s.memory_bytes.store(self.memory.bytes as u64, Relaxed);
         s.held_batches.store(self.held.len() as u64, Relaxed);
+        s.unacked_readings.store(self.known_readings, Relaxed);
         let oldest = self
             .known
             .values()
             .next()
             .map_or(0, |&(_, at)| (at / 1000).max(0) as u64);
         s.oldest_unacked_ms.store(oldest, Relaxed);
-        s.bytes.store(self.log.bytes(), Relaxed);
+        let Some(log) = &self.log else { return };
+        let Losses {
+            cap_readings,
+            corrupt_bytes,
+            corrupt_cuts,
+            ..
+        } = log.losses;
+        s.unacked_batches.store(log.unacked_batches(), Relaxed);
+        s.bytes.store(log.bytes(), Relaxed);
         s.cap_dropped_readings.store(cap_readings, Relaxed);
         s.corrupt_bytes.store(corrupt_bytes, Relaxed);
         s.corrupt_cuts.store(corrupt_cuts, Relaxed);
@@ -505,4 +987,66 @@ fn report_dropped(d: Dropped) {
         span(d.first_at),
         span(d.last_at)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &std::path::Path) -> Options {
+        Options {
+            dir: dir.to_path_buf(),
+            segment_bytes: 64 * 1024,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn config_errors_are_told_from_disk_faults() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, b"x").expect("write");
+        // spool.dir is a regular file, or below one: no disk state mends that.
+        for dir in [file.clone(), file.join("spool")] {
+            match SpoolLog::open(opts(&dir)) {
+                Ok(_) => panic!("{} opened as a spool", dir.display()),
+                Err(e) => assert!(
+                    is_config_error(&e),
+                    "{}: {e} ({:?})",
+                    dir.display(),
+                    e.kind()
+                ),
+            }
+        }
+        // Another agent holds the spool.
+        let dir = tmp.path().join("spool");
+        let _first = SpoolLog::open(opts(&dir)).expect("first open");
+        match SpoolLog::open(opts(&dir)) {
+            Ok(_) => panic!("a second open of a locked spool succeeded"),
+            Err(e) => assert!(is_config_error(&e), "{e}"),
+        }
+        // The disk's own faults.
+        for errno in [
+            libc::ENOSPC,
+            libc::EDQUOT,
+            libc::EROFS,
+            libc::EIO,
+            libc::ENOMEM,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(!is_config_error(&e), "{e} taken for a configuration error");
+        }
+    }
+
+    #[test]
+    fn fault_is_set_and_cleared() {
+        let s = SpoolStats::default();
+        assert_eq!(s.fault(), None);
+        s.set_fault(Some("No space left on device (os error 28)"));
+        let (since, error) = s.fault().expect("a fault");
+        assert!(since > 0);
+        assert_eq!(error, "No space left on device (os error 28)");
+        s.set_fault(None);
+        assert_eq!(s.fault(), None);
+    }
 }
