@@ -11,6 +11,11 @@ command -v mosquitto_sub >/dev/null || need_pkgs+=(mosquitto-clients)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 # iproute2: tests/uplink_netlink.rs puts the agent in a network namespace behind a veth pair.
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+# strace, e2fsprogs (mkfs.ext2, chattr, filefrag), losetup: tests/spool_damage.rs (a real
+# EIO from a loop device, a directory sync, an immutable segment at the cap).
+command -v strace >/dev/null || need_pkgs+=(strace)
+command -v mkfs.ext2 >/dev/null && command -v chattr >/dev/null || need_pkgs+=(e2fsprogs)
+command -v losetup >/dev/null || need_pkgs+=(mount)
 # libfaketime: tests/clock_real.rs sets the agent's wall clock before the build date.
 compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || need_pkgs+=(faketime)
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -345,7 +345,11 @@ pub async fn run(
         publishing,
         stop.clone(),
     ));
-    crate::notify::ready(&crate::notify::status_line(&stats, None));
+    // A spool that cannot be written does not hold READY back; the STATUS says so at once.
+    crate::notify::ready(&crate::notify::status_line(
+        &stats,
+        publishing.then_some(spool_stats.as_ref()),
+    ));
     {
         let stop = stop.clone();
         tokio::spawn(async move {
