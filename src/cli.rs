@@ -546,7 +546,10 @@ fn spool_command(cmd: SpoolCommand) -> ExitCode {
             println!("oldest unacked:     {}", ms(r.oldest_ms));
             println!("newest unacked:     {}", ms(r.newest_ms));
             println!("damaged segments:   {}", r.damaged_segments);
+            println!("damaged bytes:      {}", r.damaged_bytes);
             println!("corrupt copies:     {}", r.corrupt_copies);
+            println!("old-format segments: {}", r.old_format_segments);
+            println!("read retries:       {}", r.read_retries);
             println!(
                 "boot-clock batches: {} (sampled before the clock was trusted; times not yet UTC)",
                 r.boot_clock_batches

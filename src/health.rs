@@ -140,6 +140,8 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
                 "memory_bytes": g(&s.memory_bytes),
                 "memory_limit_bytes": g(&s.memory_limit_bytes),
                 "written_from_memory_batches": g(&s.written_from_memory_batches),
+                "read_retries": g(&s.read_retries),
+                "read_failures": g(&s.read_failures),
             }),
         );
         m.insert(
@@ -148,6 +150,7 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
                 "dropped_at_cap_readings": g(&s.cap_dropped_readings),
                 "corrupt_cuts": g(&s.corrupt_cuts),
                 "corrupt_bytes": g(&s.corrupt_bytes),
+                "corrupt_frames": g(&s.corrupt_frames),
                 "spool_write_errors": g(&s.write_errors),
                 "dropped_from_memory_readings": g(&s.memory_dropped_readings),
                 "dropped_from_memory_batches": g(&s.memory_dropped_batches),

@@ -539,13 +539,6 @@ impl SpoolLog {
         self.cursor.floor = self.cursor.floor.min(lowest);
     }
 
-    /// A sequence number for a batch the disk would not take (kept in memory instead).
-    pub fn reserve_seq(&mut self) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq
-    }
-
     /// The batch just appended went out live: the cursor need not read it again.
     pub fn handed_live(&mut self, seq: u64) {
         self.outstanding.insert(seq);

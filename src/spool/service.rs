@@ -89,7 +89,13 @@ pub struct SpoolStats {
     pub cap_dropped_readings: AtomicU64,
     pub corrupt_bytes: AtomicU64,
     pub corrupt_cuts: AtomicU64,
+    /// Frames the damaged bytes held (as far as their sync markers tell).
+    pub corrupt_frames: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Reads of the spool tried again after an I/O error (not damage; nothing cut).
+    pub read_retries: AtomicU64,
+    /// Reads that failed through every retry (the backlog pauses and reads them again).
+    pub read_failures: AtomicU64,
     pub memory_dropped_readings: AtomicU64,
     pub memory_dropped_batches: AtomicU64,
     pub backlog_parcels: AtomicU64,
@@ -119,13 +125,16 @@ impl SpoolStats {
     pub fn line(&self) -> String {
         let g = Stats::get;
         format!(
-            "spool: unacked_batches={} bytes={} dropped_at_cap_readings={} corrupt_cuts={} corrupt_bytes={} write_errors={} dropped_from_memory_readings={} dropped_from_memory_batches={} written_from_memory_batches={} memory_batches={}",
+            "spool: unacked_batches={} bytes={} dropped_at_cap_readings={} corrupt_cuts={} corrupt_bytes={} corrupt_frames={} write_errors={} read_retries={} read_failures={} dropped_from_memory_readings={} dropped_from_memory_batches={} written_from_memory_batches={} memory_batches={}",
             g(&self.unacked_batches),
             g(&self.bytes),
             g(&self.cap_dropped_readings),
             g(&self.corrupt_cuts),
             g(&self.corrupt_bytes),
+            g(&self.corrupt_frames),
             g(&self.write_errors),
+            g(&self.read_retries),
+            g(&self.read_failures),
             g(&self.memory_dropped_readings),
             g(&self.memory_dropped_batches),
             g(&self.written_from_memory_batches),
@@ -863,10 +872,10 @@ impl Service {
                     None => match self.log.as_mut().map(SpoolLog::next_backlog) {
                         None => None,
                         Some(Ok(b)) => b,
-                        Some(Err(e)) => {
-                            self.disk_error(&e);
-                            None
-                        }
+                        // A read error that outlasted its retries: logged and counted by the
+                        // reader, and the backlog pauses. Not a write fault: new batches
+                        // still go to the disk.
+                        Some(Err(_)) => None,
                     },
                 };
                 let Some(mut b) = next else { break };
@@ -965,8 +974,13 @@ impl Service {
             cap_readings,
             corrupt_bytes,
             corrupt_cuts,
+            corrupt_frames,
             ..
         } = log.losses;
+        let io = log.read_io();
+        s.read_retries.store(io.retries, Relaxed);
+        s.read_failures.store(io.failures, Relaxed);
+        s.corrupt_frames.store(corrupt_frames, Relaxed);
         s.unacked_batches.store(log.unacked_batches(), Relaxed);
         s.bytes.store(log.bytes(), Relaxed);
         s.cap_dropped_readings.store(cap_readings, Relaxed);

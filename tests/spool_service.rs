@@ -1,0 +1,222 @@
+//! The spool's thread (`spool::service`) on real files: a read error in the backlog is not a
+//! disk fault, a persistent EIO in the last segment at start is a disk fault (the agent runs
+//! from memory), never a configuration error; read errors and damaged frames are published
+//! in `SpoolStats`. Issue 12, glue of items 3 and 4.
+
+use redline_agent::batch::Batch;
+use redline_agent::config::{Order, PayloadMode};
+use redline_agent::spool::service::{self, Cmd, Settings, SpoolStats};
+use redline_agent::spool::{Options, SpoolLog};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+const T0_MS: i64 = 1_705_267_200_000;
+
+/// A batch of `n` small records from batch `k`.
+pub fn batch(k: u64, n: u32) -> Batch {
+    let mut body = Vec::new();
+    let mut ends = Vec::new();
+    let t0 = T0_MS + k as i64 * 1000;
+    for i in 0..i64::from(n) {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(
+            format!(
+                "{{\"vehicle_id\":\"GT3-RACER-01\",\"timestamp\":{},\"engine_rpm\":{}}}",
+                t0 + i * 100,
+                6000 + k % 2500
+            )
+            .as_bytes(),
+        );
+        ends.push(body.len() as u32);
+    }
+    Batch {
+        seq: 0,
+        first_at: t0 * 1000,
+        last_at: (t0 + (i64::from(n) - 1) * 100) * 1000,
+        body,
+        ends,
+        boot: None,
+    }
+}
+
+pub fn opts(dir: &Path, segment_bytes: u64, max_bytes: u64) -> Options {
+    Options {
+        dir: dir.to_path_buf(),
+        segment_bytes,
+        max_bytes,
+    }
+}
+
+pub fn settings(o: Options) -> Settings {
+    Settings {
+        log: o,
+        sync_interval: Some(Duration::from_millis(200)),
+        order: Order::LiveFirst,
+        mode: PayloadMode::Records,
+        max_payload: 128 * 1024,
+        memory_batches: 3600,
+        memory_bytes: 8 << 20,
+    }
+}
+
+pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits up to `within` for `cond`.
+pub fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+#[cfg(feature = "test-hooks")]
+mod read_errors {
+    use super::*;
+    use redline_agent::spool::fault;
+
+    /// A closed spool of several 4 KiB segments.
+    fn spool(dir: &Path) -> Vec<PathBuf> {
+        let mut log = SpoolLog::open(opts(dir, 4096, 1 << 30)).expect("open");
+        for k in 0..30 {
+            log.append(&mut batch(k, 10)).expect("append");
+        }
+        log.close().expect("close");
+        segment_files(dir)
+    }
+
+    #[test]
+    fn a_read_error_in_the_backlog_is_no_disk_fault_and_is_published() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let segs = spool(work.path());
+        assert!(segs.len() >= 3, "{segs:?}");
+        fault::fail_reads_on_any_thread(&segs[1], 1000, 1_000);
+        let stats = Arc::new(SpoolStats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (thread, mut channels) = service::start(
+            settings(opts(work.path(), 4096, 1 << 30)),
+            rx,
+            stats.clone(),
+        )
+        .expect("start");
+        // The backlog goes up to the unreadable frame.
+        let failed = wait_for(Duration::from_secs(10), || {
+            while channels.backlog.try_recv().is_ok() {}
+            stats.read_failures.load(Relaxed) > 0
+        });
+        assert!(failed, "the read failure is published in SpoolStats");
+        assert!(stats.read_retries.load(Relaxed) >= 3, "retries published");
+        assert_eq!(
+            stats.write_errors.load(Relaxed),
+            0,
+            "a read error is not a write error"
+        );
+        assert_eq!(stats.fault(), None, "the spool is still writable");
+        // New batches still go to the disk (not to the memory buffer).
+        stats.queued_appends.fetch_add(1, Relaxed);
+        tx.send(Cmd::Append(batch(100, 10))).expect("send");
+        assert!(wait_for(Duration::from_secs(5), || {
+            stats.unacked_batches.load(Relaxed) == 31
+        }));
+        assert_eq!(stats.memory_batches.load(Relaxed), 0);
+        let line = stats.line();
+        assert!(line.contains("read_failures="), "{line}");
+        fault::clear_on_any_thread(&segs[1]);
+        drop(tx);
+        thread.join().expect("join");
+    }
+
+    #[test]
+    fn a_persistent_eio_in_the_last_segment_at_start_is_a_disk_fault() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let segs = spool(work.path());
+        let last = segs.last().expect("a segment").clone();
+        fault::fail_reads_on_any_thread(&last, 100, 1_000_000);
+        let stats = Arc::new(SpoolStats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let started = service::start(
+            settings(opts(work.path(), 4096, 1 << 30)),
+            rx,
+            stats.clone(),
+        );
+        let (thread, mut channels) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                fault::clear_on_any_thread(&last);
+                panic!("an EIO at start is taken for a configuration error: {e}");
+            }
+        };
+        assert!(stats.fault().is_some(), "the disk fault is reported");
+        // Runs from memory: a new batch is published live.
+        stats.queued_appends.fetch_add(1, Relaxed);
+        tx.send(Cmd::Append(batch(100, 10))).expect("send");
+        let live = wait_for(Duration::from_secs(5), || channels.live.try_recv().is_ok());
+        assert!(live, "a batch goes out from memory");
+        // The card answers again: the spool is taken up, the batch written to it.
+        fault::clear_on_any_thread(&last);
+        assert!(
+            wait_for(Duration::from_secs(5), || stats.fault().is_none()),
+            "the spool is taken up once it reads"
+        );
+        assert_eq!(stats.written_from_memory_batches.load(Relaxed), 1);
+        drop(tx);
+        thread.join().expect("join");
+    }
+}
+
+#[test]
+fn corrupt_frames_are_published() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut log = SpoolLog::open(opts(work.path(), 1 << 20, 1 << 30)).expect("open");
+    for k in 0..10 {
+        log.append(&mut batch(k, 10)).expect("append");
+    }
+    log.close().expect("close");
+    // Flip a byte in the payload of the third frame (frames are 24-byte headers + payload).
+    let seg = segment_files(work.path()).remove(0);
+    let mut bytes = std::fs::read(&seg).expect("read");
+    let frame = (bytes.len() - 8) / 10;
+    let pos = 8 + 2 * frame + 40;
+    bytes[pos] ^= 0x55;
+    std::fs::write(&seg, &bytes).expect("write");
+    let stats = Arc::new(SpoolStats::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (thread, mut channels) = service::start(
+        settings(opts(work.path(), 1 << 20, 1 << 30)),
+        rx,
+        stats.clone(),
+    )
+    .expect("start");
+    let seen = wait_for(Duration::from_secs(5), || {
+        while channels.backlog.try_recv().is_ok() {}
+        stats.corrupt_frames.load(Relaxed) == 1
+    });
+    assert!(
+        seen,
+        "corrupt_frames = {}",
+        stats.corrupt_frames.load(Relaxed)
+    );
+    assert!(
+        stats.line().contains("corrupt_frames=1"),
+        "{}",
+        stats.line()
+    );
+    drop(tx);
+    thread.join().expect("join");
+}
