@@ -1679,8 +1679,7 @@ mod build {
     ) {
         let text = prepared.text.as_str();
         let digit = |name: &str| name.starts_with(|c: char| c.is_ascii_digit());
-        let note = "starts with a digit, which a DBC name may not (cantools refuses the file): \
-                    read as written";
+        let note = "starts with a digit, which a DBC name may not: read as written";
         for m in messages {
             if digit(&m.name) {
                 prepared.defects.push(
@@ -1718,8 +1717,7 @@ mod build {
                     key(*message_id)
                 ),
                 Some(m) if !m.signals.iter().any(|s| s.name == *name) => format!(
-                    "VAL_ names signal `{name}`, which message `{}` does not have (cantools \
-                     refuses the file)",
+                    "VAL_ names signal `{name}`, which message `{}` does not have",
                     m.name
                 ),
                 Some(_) => continue,
