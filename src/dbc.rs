@@ -1634,7 +1634,6 @@ mod build {
             if m.name == "VECTOR__INDEPENDENT_SIG_MSG" {
                 continue;
             }
-            let bo_line = line_of(text, &m.name, None);
             if let Some(mut d) = prepared.affected.remove(&key(m.id)) {
                 d.effect = Effect::MessageLeftOut;
                 defects.push(d.of(&m.name, None));
@@ -1644,7 +1643,8 @@ mod build {
                 Ok(x) => x,
                 Err(reason) => {
                     defects.push(
-                        Defect::new(bo_line, Effect::MessageLeftOut, reason).of(&m.name, None),
+                        Defect::new(line_of(text, &m.name, None), Effect::MessageLeftOut, reason)
+                            .of(&m.name, None),
                     );
                     continue;
                 }
@@ -2590,6 +2590,48 @@ BO_ 256 Engine: 8 ECU
         dec.decode(1275, false, &[21, 0, 0, 0, 0, 0, 0, 0], &mut out)
             .expect("2017_5");
         assert_eq!(out, vec![(2, 42.0)]);
+    }
+
+    #[test]
+    fn sg_mul_val_that_restates_simple_multiplexing_is_used() {
+        let tail = |indicator: &str, range: &str| {
+            format!(
+                "BO_ 1 M: 8 A\n SG_ Sel {indicator} : 0|4@1+ (1,0) [0|0] \"\" A\n SG_ S m1 : 8|8@1+ (1,0) [0|0] \"\" A\n SG_ T m2 : 8|8@1+ (2,0) [0|0] \"\" A\nSG_MUL_VAL_ 1 S Sel {range};\nSG_MUL_VAL_ 1 T Sel 2-2;\n"
+            )
+        };
+        let message = |indicator: &str, range: &str| with_good(&tail(indicator, range));
+        // As vw_pq writes Bremse_1: no defect at all.
+        let dbc = Dbc::from_text_with(&message("M", "1-1"), true).unwrap_or_else(|e| panic!("{e}"));
+        let mut dec = Decoder::new(
+            &dbc,
+            &[
+                (dbc.signal("M", "S").expect("S"), 0),
+                (dbc.signal("M", "T").expect("T"), 1),
+            ],
+        )
+        .expect("decoder");
+        let mut out = Vec::new();
+        dec.decode(1, false, &[2, 21, 0, 0, 0, 0, 0, 0], &mut out)
+            .expect("mux 2");
+        assert_eq!(out, vec![(1, 42.0)]);
+        // As vw_pq writes Motor_2: the multiplexor marked `m` alone, named by SG_MUL_VAL_.
+        let text = message("m", "1-1");
+        assert!(Dbc::from_text_with(&text, true).is_err());
+        let dbc = Dbc::from_text(&text).unwrap_or_else(|e| panic!("{e}"));
+        let d = &dbc.defects()[0];
+        assert_eq!(
+            (d.line, d.effect, d.signal.as_deref()),
+            (Some(6), Effect::ReadAsWritten, Some("Sel")),
+            "{d}"
+        );
+        assert!(d.to_string().contains("read as the multiplexor (M)"), "{d}");
+        assert_eq!(dbc.message("M").expect("M").mux_values(), [1, 2]);
+        // A range of values: extended multiplexing, the message is left out.
+        left_out(
+            &tail("M", "1-3"),
+            5,
+            "`S` is m1 but SG_MUL_VAL_ gives other values",
+        );
     }
 
     #[test]
