@@ -18,8 +18,9 @@
 //! warning line: file, line, message) and the rest of the file is used.
 //! - A message with a defect (overlapping signals, a signal outside the frame, extended
 //!   multiplexing, an id above 29 bits, two messages with one id or one name, a `BO_` or
-//!   `SG_` line the parser cannot read) is left out: looking up one of its signals is an
-//!   error naming the defect ([`LookupError::Unusable`]), so a binding to it never starts.
+//!   `SG_` line the parser cannot read, or a `SIG_VALTYPE_` or `SG_MUL_VAL_` line about it
+//!   that it cannot read) is left out: looking up one of its signals is an error naming the
+//!   defect ([`LookupError::Unusable`]), so a binding to it never starts.
 //! - A statement that describes no signal's bits and cannot be read or names what does not
 //!   exist (`VAL_`, `SIG_VALTYPE_` for an unknown signal, an unreadable `BA_` or `CM_`) is
 //!   ignored.
