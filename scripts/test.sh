@@ -36,6 +36,12 @@ if ! python3 -c 'import cantools' 2>/dev/null; then
     python3 -m pip install --quiet --break-system-packages cantools==45.1.0
 fi
 
+# The opendbc corpus of tests/opendbc_corpus.rs: the pinned wheel, fetched once into target/
+# (the test checks its SHA-256, and fails saying this command when it is missing).
+if [ ! -f target/opendbc/opendbc-0.3.1-py3-none-any.whl ]; then
+  python3 -m pip download --quiet --no-deps --only-binary=:all: opendbc==0.3.1 -d target/opendbc
+fi
+
 cargo fmt --all -- --check
 # Both builds lint clean: the release one (no test hooks) and the test one.
 cargo clippy --locked --all-targets -- -D warnings
