@@ -220,3 +220,177 @@ fn corrupt_frames_are_published() {
     drop(tx);
     thread.join().expect("join");
 }
+
+/// A batch stamped on `boot`'s clock (µs since that boot), from batch `k`.
+fn boot_batch(k: u64, boot: [u8; 16]) -> Batch {
+    let mut b = batch(k, 10);
+    let shift = -T0_MS * 1000;
+    b.shift_timestamps(shift);
+    b.boot = Some(boot);
+    b
+}
+
+fn held_files(dir: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(dir.join("held")) {
+        Ok(d) => d.filter_map(Result::ok).map(|e| e.path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    segment_files(dir)
+        .iter()
+        .chain(held_files(dir).iter())
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// Issue 12, item 5: a boot that never got a trusted clock, spanning a full spool, then a
+/// run of the same boot with the clock trusted. The held batches do not pin the log: what
+/// is acknowledged is deleted, the cap drops only the oldest held data it must (counted as
+/// held), and the held batches are released, converted to UTC, by reading only them.
+#[test]
+fn a_never_trusted_boot_spanning_a_full_spool_does_not_pin_it() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path();
+    let (seg, max) = (8 * 1024, 256 * 1024);
+    let boot = [0xA5; 16];
+    let sent_held = 600u64;
+    // Run 1: the clock never trusted. Every batch is held.
+    {
+        let stats = Arc::new(SpoolStats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (thread, mut channels) =
+            service::start(settings(opts(dir, seg, max)), rx, stats.clone()).expect("start");
+        for k in 0..sent_held {
+            stats.queued_appends.fetch_add(1, Relaxed);
+            tx.send(Cmd::Append(boot_batch(k, boot))).expect("send");
+        }
+        assert!(wait_for(Duration::from_secs(10), || {
+            stats.queued_appends.load(Relaxed) == 0
+        }));
+        assert!(
+            channels.live.try_recv().is_err() && channels.backlog.try_recv().is_err(),
+            "nothing held is published"
+        );
+        drop(tx);
+        thread.join().expect("join");
+        assert!(
+            dir_bytes(dir) <= max,
+            "the cap holds: {} bytes",
+            dir_bytes(dir)
+        );
+        let dropped = stats.cap_dropped_held_batches.load(Relaxed);
+        assert!(dropped > 0, "the cap dropped the oldest held batches");
+        assert_eq!(
+            stats.cap_dropped_readings.load(Relaxed),
+            10 * dropped,
+            "only held batches were dropped"
+        );
+    }
+    let report = redline_agent::spool::inspect::stats(dir).expect("stats");
+    let held_before = report.boot_clock_batches;
+    assert!(held_before > 100, "{report:?}");
+    assert!(report.held_segments > 10, "{report:?}");
+    // The restart reads none of the held data.
+    let t = Instant::now();
+    let log = SpoolLog::open(opts(dir, seg, max)).expect("open");
+    let restart = t.elapsed();
+    assert_eq!(log.frames_read, 0, "the start read no held frame");
+    drop(log);
+    // Run 2: the same boot, the clock trusted now.
+    let stats = Arc::new(SpoolStats::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (thread, mut channels) =
+        service::start(settings(opts(dir, seg, max)), rx, stats.clone()).expect("start");
+    // Live batches, acknowledged as they go out: deleted, never dropped.
+    let live = 300u64;
+    let mut acked_live = 0u64;
+    for k in 0..live {
+        stats.queued_appends.fetch_add(1, Relaxed);
+        tx.send(Cmd::Append(batch(10_000 + k, 10))).expect("send");
+        let got = wait_for(Duration::from_secs(5), || {
+            while let Ok(p) = channels.live.try_recv() {
+                for b in p.batches {
+                    tx.send(Cmd::Ack(b.seq)).expect("ack");
+                    acked_live += 1;
+                }
+            }
+            acked_live == k + 1
+        });
+        assert!(got, "live batch {k} went out");
+    }
+    assert!(wait_for(Duration::from_secs(5), || {
+        stats.unacked_batches.load(Relaxed) == 0
+    }));
+    assert!(
+        segment_files(dir).len() <= 2,
+        "acknowledged segments are deleted: {:?}",
+        segment_files(dir)
+    );
+    let dropped_live = stats.cap_dropped_readings.load(Relaxed)
+        - 10 * stats.cap_dropped_held_batches.load(Relaxed);
+    assert_eq!(
+        dropped_live, 0,
+        "no live (acknowledged) reading is counted as dropped"
+    );
+    let dropped_held_2 = stats.cap_dropped_held_batches.load(Relaxed);
+    let held_now = redline_agent::spool::inspect::stats(dir)
+        .expect("stats")
+        .boot_clock_batches;
+    assert_eq!(held_now + dropped_held_2, held_before);
+    // The clock of that boot is known now: its held batches go, converted.
+    let offset = 1_800_000_000_000_000i64;
+    let t = Instant::now();
+    tx.send(Cmd::BootOffset {
+        boot_id: boot,
+        offset,
+    })
+    .expect("send");
+    let mut released = Vec::new();
+    let all = wait_for(Duration::from_secs(30), || {
+        while let Ok(p) = channels.backlog.try_recv() {
+            for b in p.batches {
+                tx.send(Cmd::Ack(b.seq)).expect("ack");
+                released.push(b);
+            }
+            tx.send(Cmd::Wake).expect("wake");
+        }
+        released.len() as u64 == held_now
+    });
+    let release = t.elapsed();
+    assert!(
+        all,
+        "{} of {held_now} held batches released",
+        released.len()
+    );
+    for b in &released {
+        assert_eq!(b.boot, None, "converted");
+        let k = (b.first_at - offset + T0_MS * 1000) / 1_000_000 - T0_MS / 1000;
+        assert!(
+            (k as u64) < sent_held,
+            "a held batch, converted: {}",
+            b.first_at
+        );
+        assert_eq!(b.first_at, boot_batch(k as u64, boot).first_at + offset);
+    }
+    // The newest held batches are the ones kept (the cap dropped the oldest).
+    let last = released.iter().map(|b| b.first_at).max().expect("some");
+    assert_eq!(last, boot_batch(sent_held - 1, boot).first_at + offset);
+    assert!(
+        wait_for(Duration::from_secs(5), || held_files(dir).is_empty()),
+        "the held segments are removed once released: {:?}",
+        held_files(dir)
+    );
+    assert!(wait_for(Duration::from_secs(5), || {
+        stats.unacked_batches.load(Relaxed) == 0
+    }));
+    drop(tx);
+    thread.join().expect("join");
+    eprintln!(
+        "held batches: {held_before} in {} KiB of held segments; restart (open) {:.1} ms reading no held frame; release of {held_now} batches to the last one out {:.1} ms",
+        max / 1024,
+        restart.as_secs_f64() * 1e3,
+        release.as_secs_f64() * 1e3
+    );
+}

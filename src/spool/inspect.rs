@@ -29,6 +29,8 @@ pub struct Report {
     pub boot_clock_batches: u64,
     /// Reads retried after an I/O error.
     pub read_retries: u64,
+    /// Segments under `held/` (batches held for a clock, out of the log's way).
+    pub held_segments: u64,
 }
 
 fn segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -52,7 +54,16 @@ fn walk(
     let offsets = super::boots::read(&dir.join("boots"));
     let mut io_stats = ReadIo::default();
     let mut payload = Vec::new();
-    for path in segments(dir)? {
+    // The log's segments, then the held ones (batches held for a clock: none acknowledged).
+    let held: Vec<PathBuf> = super::held::list(dir)?
+        .into_iter()
+        .map(|h| h.path)
+        .collect();
+    let log_segments = segments(dir)?;
+    let n_log = log_segments.len();
+    for (i, path) in log_segments.into_iter().chain(held).enumerate() {
+        let is_held = i >= n_log;
+        report.held_segments += u64::from(is_held);
         report.segments += 1;
         let len = fs::metadata(&path)?.len();
         report.bytes += len;
@@ -81,7 +92,7 @@ fn walk(
                 Item::Frame { end, header, .. } => {
                     at = end;
                     let seq = header.seq;
-                    if seq < state.base || state.above.contains(&seq) {
+                    if !is_held && (seq < state.base || state.above.contains(&seq)) {
                         continue;
                     }
                     if frame::boot(&payload).is_some_and(|id| !offsets.contains_key(&id)) {

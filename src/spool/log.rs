@@ -14,9 +14,10 @@
 
 use super::acks::{AckFile, sync_dir};
 use super::frame::{self, HEADER, SEG_HEAD, Version};
+use super::held::{HeldSeg, HeldStore};
 use super::segment::{Item, Magic, Read, SegmentReader};
 use crate::batch::Batch;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -44,6 +45,31 @@ struct Segment {
     first: u64,
     path: PathBuf,
     bytes: u64,
+    /// Readings of its unacknowledged batches, and the sampling time (µs) of the oldest of
+    /// them: the per-segment index behind the health report (no per-batch state). For a
+    /// segment present at start, exact once `counted` (the idle scan read it); batches
+    /// appended since the start are counted as they are written.
+    readings: u64,
+    oldest: Option<i64>,
+    counted: bool,
+}
+
+impl Segment {
+    fn new(first: u64, path: PathBuf, bytes: u64, counted: bool) -> Segment {
+        Segment {
+            first,
+            path,
+            bytes,
+            readings: 0,
+            oldest: None,
+            counted,
+        }
+    }
+
+    fn add(&mut self, readings: u64, at: i64) {
+        self.readings += readings;
+        self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
+    }
 }
 
 /// Losses the delivery guarantee allows, each counted.
@@ -57,6 +83,8 @@ pub struct Losses {
     pub corrupt_cuts: u64,
     /// Frames those damaged bytes held, as far as can be told (their sync markers).
     pub corrupt_frames: u64,
+    /// Of `cap_batches`, batches held for a clock (dropped with a held segment).
+    pub cap_held_batches: u64,
 }
 
 /// What was dropped at the size cap, for the log line.
@@ -116,8 +144,18 @@ pub struct SpoolLog {
     acks: AckFile,
     base: u64,
     acked: BTreeSet<u64>,
-    outstanding: BTreeSet<u64>,
+    /// Batches handed to the publisher and not acknowledged: seq → readings (bounded by
+    /// what is in flight).
+    outstanding: BTreeMap<u64, u32>,
     cursor: Cursor,
+    /// The next seq when the log was opened: batches below it are counted by the idle
+    /// scan, those from it on as they are appended.
+    scan_end: u64,
+    /// Batches held for a clock, in segments of their own (see `held`).
+    held: HeldStore,
+    /// Frames read by the log (recovery, backlog, scan, cap, release): how much a start or a
+    /// release cost.
+    pub frames_read: u64,
     dirty: bool,
     pub losses: Losses,
     read_io: ReadIo,
@@ -131,6 +169,8 @@ pub struct SpoolLog {
     stall: Option<Stall>,
     /// A failed append left part of a frame behind: the next batch starts a new segment.
     roll_tail: bool,
+    /// Batches `hold` copied to the held segments, acknowledged once the copy is synced.
+    to_settle: Vec<u64>,
 }
 
 /// What the spool knows of one unacknowledged batch: its readings and sampling time (µs).
@@ -167,14 +207,16 @@ impl SpoolLog {
             let entry = entry?;
             let name = entry.file_name();
             if let Some(first) = name.to_str().and_then(parse_seg_name) {
-                segments.push(Segment {
+                segments.push(Segment::new(
                     first,
-                    path: entry.path(),
-                    bytes: entry.metadata()?.len(),
-                });
+                    entry.path(),
+                    entry.metadata()?.len(),
+                    false,
+                ));
             }
         }
         segments.sort_by_key(|s| s.first);
+        let held = HeldStore::open(&opts.dir)?;
         let mut log = SpoolLog {
             tail: File::open(&opts.dir)?, // replaced below
             opts,
@@ -183,7 +225,10 @@ impl SpoolLog {
             acks,
             base: state.base,
             acked: state.above,
-            outstanding: BTreeSet::new(),
+            outstanding: BTreeMap::new(),
+            scan_end: 0,
+            held,
+            frames_read: 0,
             cursor: Cursor {
                 seg_first: 0,
                 offset: SEG_HEAD,
@@ -199,6 +244,7 @@ impl SpoolLog {
             unmarked: BTreeSet::new(),
             stall: None,
             roll_tail: false,
+            to_settle: Vec::new(),
         };
         log.delete_done_segments()?;
         log.recover_tail()?;
@@ -210,54 +256,102 @@ impl SpoolLog {
             .or(log.segments.front())
             .map_or(log.next_seq, |s| s.first);
         log.scan_from = log.segments.front().map(|s| s.first);
+        log.scan_end = log.next_seq;
         Ok(log)
     }
 
-    /// Reads the frame headers of one more segment (oldest first) and adds what it holds
-    /// unacknowledged to `known`. False once every segment present at start was read. Done a
-    /// segment at a time while idle, so a start with a full spool is not delayed by it.
-    pub fn scan_step(&mut self, known: &mut std::collections::BTreeMap<u64, Summary>) -> bool {
+    /// Reads the frame headers of one more segment (oldest first; the log's, then those of
+    /// `held/`) and counts what it holds unacknowledged. False once every segment present
+    /// at start was read. Done a segment at a time while idle, so a start with a full spool
+    /// is not delayed by it.
+    pub fn scan_step(&mut self) -> bool {
         let Some(first) = self.scan_from else {
-            return false;
+            return self.scan_held_step();
         };
         let Some(idx) = self.segments.iter().position(|s| s.first >= first) else {
             self.scan_from = None;
-            return false;
+            return true;
         };
         let seg = self.segments[idx].clone();
         self.scan_from = self.segments.get(idx + 1).map(|s| s.first);
-        let Ok(mut r) = SegmentReader::open(&seg.path, seg.bytes, &mut self.read_io) else {
-            return self.scan_from.is_some();
-        };
-        if r.magic() == Magic::Short {
-            return self.scan_from.is_some();
-        }
-        let mut summary = Vec::new();
-        let mut at = SEG_HEAD;
-        // The CRC is checked when the frame is sent; here only the counts matter. Damage is
-        // dealt with by the cursor when it gets there; a read error ends this segment's scan.
-        while let Ok(item) = r.next(
-            at,
-            seg.bytes,
-            &mut summary,
-            Read::Summary,
-            &mut self.read_io,
-        ) {
-            match item {
-                Item::End => break,
-                Item::Hole { end, .. } | Item::Damage { end, .. } => at = end,
-                Item::Frame { end, header, .. } => {
-                    at = end;
-                    if header.seq < self.base || self.acked.contains(&header.seq) {
-                        continue;
-                    }
-                    if let Some((n, first_at, _)) = frame::summary(&summary) {
-                        known.entry(header.seq).or_insert((n as u32, first_at));
+        let mut readings = 0u64;
+        let mut oldest: Option<i64> = None;
+        if let Ok(mut r) = SegmentReader::open(&seg.path, seg.bytes, &mut self.read_io)
+            && r.magic() != Magic::Short
+        {
+            let mut summary = Vec::new();
+            let mut at = SEG_HEAD;
+            // The CRC is checked when the frame is sent; here only the counts matter. Damage
+            // is dealt with by the cursor when it gets there; a read error ends this scan.
+            while let Ok(item) = r.next(
+                at,
+                seg.bytes,
+                &mut summary,
+                Read::Summary,
+                &mut self.read_io,
+            ) {
+                match item {
+                    Item::End => break,
+                    Item::Hole { end, .. } | Item::Damage { end, .. } => at = end,
+                    Item::Frame { end, header, .. } => {
+                        at = end;
+                        self.frames_read += 1;
+                        let seq = header.seq;
+                        if seq < self.base || seq >= self.scan_end || self.acked.contains(&seq) {
+                            continue;
+                        }
+                        if let Some((n, first_at, _)) = frame::summary(&summary) {
+                            readings += n as u64;
+                            oldest = Some(oldest.map_or(first_at, |o| o.min(first_at)));
+                        }
                     }
                 }
             }
         }
-        self.scan_from.is_some()
+        if let Some(s) = self.segments.iter_mut().find(|s| s.first == seg.first) {
+            s.readings += readings;
+            if let Some(t) = oldest {
+                s.oldest = Some(s.oldest.map_or(t, |o| o.min(t)));
+            }
+            s.counted = true;
+        }
+        true
+    }
+
+    /// Counts the batches of one held segment present at start; false when none is left.
+    fn scan_held_step(&mut self) -> bool {
+        let Some(seg) = self.held.uncounted() else {
+            return false;
+        };
+        let (mut batches, mut readings) = (0u64, 0u64);
+        if let Ok(mut r) = SegmentReader::open(&seg.path, seg.bytes, &mut self.read_io)
+            && r.magic() != Magic::Short
+        {
+            let mut summary = Vec::new();
+            let mut at = SEG_HEAD;
+            while let Ok(item) = r.next(
+                at,
+                seg.bytes,
+                &mut summary,
+                Read::Summary,
+                &mut self.read_io,
+            ) {
+                match item {
+                    Item::End => break,
+                    Item::Hole { end, .. } | Item::Damage { end, .. } => at = end,
+                    Item::Frame { end, .. } => {
+                        at = end;
+                        self.frames_read += 1;
+                        if let Some((n, _, _)) = frame::summary(&summary) {
+                            batches += 1;
+                            readings += n as u64;
+                        }
+                    }
+                }
+            }
+        }
+        self.held.set_count(seg.n, (batches, readings));
+        true
     }
 
     /// Every seq below this is acknowledged, dropped or never existed.
@@ -289,6 +383,7 @@ impl SpoolLog {
                 match r.next(at, len, &mut payload, Read::Full, &mut self.read_io)? {
                     Item::End => break,
                     Item::Frame { end, header, .. } => {
+                        self.frames_read += 1;
                         last_seq = Some(header.seq);
                         at = end;
                     }
@@ -465,11 +560,8 @@ impl SpoolLog {
         sync_dir(&self.opts.dir)?;
         drop(f);
         self.tail = OpenOptions::new().append(true).open(&path)?;
-        self.segments.push_back(Segment {
-            first,
-            path,
-            bytes: SEG_HEAD,
-        });
+        self.segments
+            .push_back(Segment::new(first, path, SEG_HEAD, true));
         Ok(())
     }
 
@@ -509,42 +601,147 @@ impl SpoolLog {
         self.dirty = true;
         if let Some(seg) = self.segments.back_mut() {
             seg.bytes += self.scratch.len() as u64;
+            seg.add(batch.len() as u64, batch.first_at);
         }
         self.enforce_cap()
     }
 
-    /// Batches read from the backlog but kept back (their clock cannot be converted yet):
-    /// they stay unacknowledged, and the cursor reads them again from `rewind_to`.
-    pub fn release(&mut self, held: &BTreeSet<u64>) {
-        let Some(&lowest) = held.iter().next() else {
-            return;
+    /// Keeps a batch stamped on `boot`'s clock (whose offset to UTC is not known) in the
+    /// held segments, out of the log's way. Returns what the size cap dropped.
+    pub fn append_held(&mut self, batch: &Batch, boot: [u8; 16]) -> io::Result<Dropped> {
+        self.held.append(
+            batch,
+            boot,
+            self.next_seq,
+            self.opts.segment_bytes,
+            &mut self.scratch,
+        )?;
+        self.enforce_cap()
+    }
+
+    /// A batch read from the log whose boot clock has no known offset: moved to the held
+    /// segments. Acknowledged in the log by `settle_held`, once the copy is synced.
+    pub fn hold(&mut self, batch: &Batch, boot: [u8; 16]) -> io::Result<Dropped> {
+        let dropped = self.append_held(batch, boot)?;
+        self.to_settle.push(batch.seq);
+        Ok(dropped)
+    }
+
+    /// Syncs the batches `hold` copied and lets their place in the log go.
+    pub fn settle_held(&mut self) -> io::Result<()> {
+        if self.to_settle.is_empty() {
+            return Ok(());
+        }
+        self.held.sync()?;
+        for seq in std::mem::take(&mut self.to_settle) {
+            self.ack(seq)?;
+        }
+        Ok(())
+    }
+
+    /// The boots that have held batches.
+    pub fn held_boots(&self) -> Vec<[u8; 16]> {
+        self.held.boots()
+    }
+
+    pub fn has_held(&self, boot: &[u8; 16]) -> bool {
+        self.held.has_boot(boot)
+    }
+
+    /// Held batches and readings known (those of held segments present at start once the
+    /// idle scan counted them), and the bytes of the held segments.
+    pub fn held_counts(&self) -> (u64, u64, u64) {
+        let (b, r) = self.held.counted();
+        (b, r, self.held.bytes())
+    }
+
+    /// Releases the oldest held segment of `boot`, whose offset to UTC is now `offset`: its
+    /// batches converted to UTC and appended to the log, synced, then the held segment
+    /// removed. Only that segment is read. Returns (batches, readings) released and what the
+    /// cap dropped; `None` when `boot` has no held segment left. On a read or write error
+    /// the segment stays held (batches appended before the error are sent twice, never
+    /// lost).
+    pub fn release_step(
+        &mut self,
+        boot: &[u8; 16],
+        offset: i64,
+    ) -> io::Result<Option<(u64, u64, Dropped)>> {
+        self.held.close_boot(boot)?;
+        let Some(seg) = self.held.take_oldest(Some(boot)) else {
+            return Ok(None);
         };
-        for seq in held {
-            self.outstanding.remove(seq);
+        match self.release_seg(&seg, offset) {
+            Ok(done) => {
+                if let Err(e) = self.held.remove(&seg) {
+                    tracing::error!(
+                        "spool: released {} but cannot remove it ({e}): its batches may be sent twice",
+                        seg.path.display()
+                    );
+                }
+                Ok(Some(done))
+            }
+            Err(e) => {
+                self.held.put_back(seg);
+                Err(e)
+            }
         }
-        let seg = self
-            .segments
-            .iter()
-            .rev()
-            .find(|s| s.first <= lowest)
-            .or(self.segments.front())
-            .map(|s| s.first);
-        if let Some(first) = seg
-            && first <= self.cursor.seg_first
-        {
-            self.cursor.seg_first = first;
-            self.cursor.offset = SEG_HEAD;
-            self.cursor.reader = None;
+    }
+
+    fn release_seg(&mut self, seg: &HeldSeg, offset: i64) -> io::Result<(u64, u64, Dropped)> {
+        let mut dropped = Dropped::default();
+        let (mut batches, mut readings) = (0u64, 0u64);
+        let mut r = SegmentReader::open(&seg.path, seg.bytes, &mut self.read_io)?;
+        if r.magic() != Magic::Short {
+            let mut payload = Vec::new();
+            let mut at = SEG_HEAD;
+            loop {
+                match r.next(at, seg.bytes, &mut payload, Read::Full, &mut self.read_io)? {
+                    Item::End => break,
+                    Item::Hole { end, .. } => at = end,
+                    Item::Damage {
+                        at: bad,
+                        end,
+                        frames,
+                    } => {
+                        // Counted; the segment goes once released, so it is not marked.
+                        self.count_damage(end - bad, frames);
+                        tracing::error!(
+                            "spool held segment {} is damaged at byte {bad}: {} byte(s) ({frames} frame(s)) skipped",
+                            seg.path.display(),
+                            end - bad
+                        );
+                        at = end;
+                    }
+                    Item::Frame { end, header, .. } => {
+                        at = end;
+                        self.frames_read += 1;
+                        let Some(mut b) = frame::decode(header.seq, &payload) else {
+                            self.count_damage(end - SEG_HEAD.min(end), 1);
+                            continue;
+                        };
+                        b.shift_timestamps(offset);
+                        b.boot = None;
+                        batches += 1;
+                        readings += b.len() as u64;
+                        dropped.add(&self.append(&mut b)?);
+                    }
+                }
+            }
         }
-        self.cursor.floor = self.cursor.floor.min(lowest);
+        if self.dirty {
+            self.tail.sync_data()?;
+            self.dirty = false;
+        }
+        Ok((batches, readings, dropped))
     }
 
     /// The batch just appended went out live: the cursor need not read it again.
-    pub fn handed_live(&mut self, seq: u64) {
-        self.outstanding.insert(seq);
+    pub fn handed_live(&mut self, seq: u64, readings: u32) {
+        self.outstanding.insert(seq, readings);
     }
 
     pub fn sync(&mut self) -> io::Result<()> {
+        self.held.sync()?;
         if self.dirty {
             self.tail.sync_data()?;
             self.dirty = false;
@@ -556,7 +753,7 @@ impl SpoolLog {
     /// Every seq below this is acknowledged or will never be sent.
     fn done_below(&self) -> u64 {
         let mut w = self.cursor.floor;
-        if let Some(&o) = self.outstanding.iter().next() {
+        if let Some((&o, _)) = self.outstanding.iter().next() {
             w = w.min(o);
         }
         w.max(self.base)
@@ -564,7 +761,17 @@ impl SpoolLog {
 
     /// The broker acknowledged batch `seq`.
     pub fn ack(&mut self, seq: u64) -> io::Result<()> {
-        self.outstanding.remove(&seq);
+        if let Some(n) = self.outstanding.remove(&seq) {
+            let scan_end = self.scan_end;
+            if let Some(s) = self.segment_of_mut(seq)
+                && (s.counted || seq >= scan_end)
+            {
+                s.readings = s.readings.saturating_sub(u64::from(n));
+                if s.readings == 0 {
+                    s.oldest = None;
+                }
+            }
+        }
         if seq >= self.base && self.acked.insert(seq) {
             self.acks.append(seq)?;
         }
@@ -607,6 +814,26 @@ impl SpoolLog {
         self.segments.iter().map(|s| s.bytes).sum()
     }
 
+    /// The segment that holds `seq`.
+    fn segment_of_mut(&mut self, seq: u64) -> Option<&mut Segment> {
+        let idx = self.segments.partition_point(|s| s.first <= seq);
+        idx.checked_sub(1).and_then(|i| self.segments.get_mut(i))
+    }
+
+    /// Readings in the unacknowledged batches known (exact once the idle scan is done).
+    pub fn unacked_readings(&self) -> u64 {
+        self.segments.iter().map(|s| s.readings).sum()
+    }
+
+    /// Sampling time (µs) of the oldest unacknowledged batch known, to within a segment
+    /// (the oldest of its segment when it was counted).
+    pub fn oldest_unacked_us(&self) -> Option<i64> {
+        self.segments
+            .iter()
+            .find(|s| s.readings > 0)
+            .and_then(|s| s.oldest)
+    }
+
     /// At the size cap, drops the oldest whole segment, counting what was never delivered.
     /// The loss is counted before any error (removing the file, syncing the directory) is
     /// reported, and logged here since the caller gets only the error.
@@ -614,7 +841,37 @@ impl SpoolLog {
         let mut dropped = Dropped::default();
         let mut removed = 0;
         let mut result = Ok(());
-        while self.total_bytes() > self.opts.max_bytes && self.segments.len() > 1 {
+        while self.total_bytes() + self.held.bytes() > self.opts.max_bytes {
+            // The oldest segment goes, of the log's (never the one being written) or the
+            // held ones (never the one being appended to), by when it was started.
+            let log_first = (self.segments.len() > 1)
+                .then(|| self.segments.front().map(|s| s.first))
+                .flatten();
+            let held_order = self.held.oldest().map(|h| h.order);
+            let take_held = match (log_first, held_order) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(f), Some(o)) => o <= f,
+            };
+            if take_held {
+                let Some(h) = self.held.take_oldest(None) else {
+                    break;
+                };
+                let this = self.count_held_dropped(&h);
+                self.losses.cap_readings += this.readings;
+                self.losses.cap_batches += this.batches;
+                self.losses.cap_held_batches += this.batches;
+                dropped.add(&this);
+                removed += 1;
+                if let Err(e) = self.held.remove(&h) {
+                    result = Err(e);
+                    break;
+                }
+                continue;
+            }
+            if log_first.is_none() {
+                break;
+            }
             let Some(s) = self.segments.pop_front() else {
                 break;
             };
@@ -652,6 +909,26 @@ impl SpoolLog {
                 Err(e)
             }
         }
+    }
+
+    /// What a held segment about to be dropped holds (all of it undelivered).
+    fn count_held_dropped(&mut self, h: &HeldSeg) -> Dropped {
+        if let Some((batches, readings)) = h.count {
+            return Dropped {
+                readings,
+                batches,
+                first_at: None,
+                last_at: None,
+            };
+        }
+        let s = Segment::new(0, h.path.clone(), h.bytes, true);
+        // Every batch in it counts: none has a seq of the log.
+        let (base, acked) = (self.base, std::mem::take(&mut self.acked));
+        self.base = 0;
+        let d = self.count_dropped(&s);
+        self.base = base;
+        self.acked = acked;
+        d
     }
 
     /// The unacknowledged batches of a segment about to be dropped. A batch the publisher
@@ -799,17 +1076,18 @@ impl SpoolLog {
                 Item::Hole { end, .. } => self.cursor.offset = end,
                 Item::Damage { at, end, frames } => self.damaged(idx, version, at, end, frames),
                 Item::Frame { at, end, header } => {
+                    self.frames_read += 1;
                     self.cursor.offset = end;
                     self.cursor.floor = self.cursor.floor.max(header.seq + 1);
                     let skip = header.seq < self.base
                         || self.acked.contains(&header.seq)
-                        || self.outstanding.contains(&header.seq);
+                        || self.outstanding.contains_key(&header.seq);
                     if skip {
                         continue;
                     }
                     match frame::decode(header.seq, payload) {
                         Some(b) => {
-                            self.outstanding.insert(header.seq);
+                            self.outstanding.insert(header.seq, b.len() as u32);
                             return Ok(Some(b));
                         }
                         // Its CRC holds but it does not decode: damage all the same.

@@ -6,6 +6,7 @@ pub mod boots;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod fault;
 pub mod frame;
+pub mod held;
 pub mod inspect;
 pub mod log;
 pub mod segment;

@@ -17,11 +17,11 @@
 //! handed out is lost only if its PUBACK never comes; that is counted at the stop.
 
 use super::boots::Boots;
-use super::log::{Dropped, Losses, Options, SpoolLog, Summary};
+use super::log::{Dropped, Losses, Options, SpoolLog};
 use crate::batch::{Batch, RECORDS_ENVELOPE};
 use crate::config::{Order, PayloadMode};
 use crate::stats::Stats;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -104,8 +104,12 @@ pub struct SpoolStats {
     pub unacked_readings: AtomicU64,
     /// Sampling time of the oldest unacknowledged batch seen, epoch ms (0: none).
     pub oldest_unacked_ms: AtomicU64,
-    /// Batches kept back until the clock they were stamped on can be converted.
+    /// Batches kept back until the clock they were stamped on can be converted (in the held
+    /// segments; those present at start once the idle scan counted them), and their bytes.
     pub held_batches: AtomicU64,
+    pub held_bytes: AtomicU64,
+    /// Of `cap_dropped_readings`' batches, those held for a clock.
+    pub cap_dropped_held_batches: AtomicU64,
     /// Batches sent to the spool thread and not yet taken (grows only if the disk hangs).
     pub queued_appends: AtomicU64,
     /// Since when (wall clock, epoch ms) the spool cannot be written; 0: it can.
@@ -250,13 +254,13 @@ pub fn start(
         next_retry: Instant::now() + RETRY_EVERY,
         last_sync: Instant::now(),
         spool_stats,
-        known: BTreeMap::new(),
-        known_readings: 0,
         scanning: true,
         boots,
-        held: BTreeSet::new(),
+        releasing: Vec::new(),
+        release_retry: Instant::now(),
         upstream_open: true,
     };
+    svc.queue_releases();
     if let Some(e) = open_error {
         svc.disk_error(&e);
     }
@@ -276,6 +280,14 @@ fn report_recovery(log: &SpoolLog) {
             log.bytes()
         );
     }
+}
+
+struct Release {
+    boot: [u8; 16],
+    offset: i64,
+    since: Instant,
+    batches: u64,
+    readings: u64,
 }
 
 struct Fault {
@@ -406,13 +418,14 @@ struct Service {
     next_retry: Instant,
     last_sync: Instant,
     spool_stats: Arc<SpoolStats>,
-    /// Unacknowledged batches known: readings and sampling time, for the health report.
-    known: BTreeMap<u64, Summary>,
-    known_readings: u64,
+    /// The idle scan (counts for the health report) is not done.
     scanning: bool,
     boots: Boots,
-    /// Batches read but kept back: stamped on a boot clock whose offset is not known yet.
-    held: BTreeSet<u64>,
+    /// Boots whose held batches are being released (their offset is known now), a held
+    /// segment per turn of the loop: (boot, offset, when it began, batches released).
+    releasing: Vec<Release>,
+    /// After a failed release, not before this.
+    release_retry: Instant,
     upstream_open: bool,
 }
 
@@ -422,6 +435,7 @@ impl Service {
             if self.fault.is_some() && Instant::now() >= self.next_retry {
                 self.retry_disk();
             }
+            self.release_step();
             self.fill_backlog();
             self.report_losses(false);
             self.publish_stats();
@@ -440,7 +454,10 @@ impl Service {
                 None => Duration::from_secs(1),
             };
             // With a parcel waiting for room, look again soon even without a wake-up.
-            let wait = if self.pending.is_some() || !self.memory.is_empty() {
+            let busy = !self.releasing.is_empty() && Instant::now() >= self.release_retry;
+            let wait = if busy {
+                Duration::ZERO
+            } else if self.pending.is_some() || !self.memory.is_empty() {
                 wait.min(Duration::from_millis(50))
             } else {
                 wait
@@ -473,24 +490,13 @@ impl Service {
                     if let Err(e) = self.boots.set(boot_id, offset) {
                         tracing::warn!("spool: cannot record the clock offset of this boot: {e}");
                     }
-                    if !self.held.is_empty()
-                        && let Some(log) = &mut self.log
-                    {
-                        tracing::info!(
-                            "clock trusted: {} held batch(es) converted to UTC and queued",
-                            self.held.len()
-                        );
-                        let held = std::mem::take(&mut self.held);
-                        log.release(&held);
-                    }
+                    self.queue_releases();
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if self.scanning
                         && let Some(log) = &mut self.log
                     {
-                        let before = self.known.len();
-                        self.scanning = log.scan_step(&mut self.known);
-                        self.recount(before);
+                        self.scanning = log.scan_step();
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -573,28 +579,64 @@ impl Service {
         )
     }
 
-    fn remember(&mut self, b: &Batch) {
-        if self
-            .known
-            .insert(b.seq, (b.len() as u32, b.first_at))
-            .is_none()
-        {
-            self.known_readings += b.len() as u64;
-        }
-    }
-
-    fn forget(&mut self, seq: u64) {
-        if let Some((n, _)) = self.known.remove(&seq) {
-            self.known_readings = self.known_readings.saturating_sub(u64::from(n));
-        }
-    }
-
-    /// After a scan or a cap drop changed `known` in bulk.
-    fn recount(&mut self, _before: usize) {
+    /// Boots with held batches whose offset is known now: queued for release.
+    fn queue_releases(&mut self) {
         let Some(log) = &self.log else { return };
-        let base = log.base();
-        self.known = self.known.split_off(&base);
-        self.known_readings = self.known.values().map(|&(n, _)| u64::from(n)).sum();
+        for boot in log.held_boots() {
+            let Some(offset) = self.boots.get(&boot) else {
+                continue;
+            };
+            if self.releasing.iter().any(|r| r.boot == boot) {
+                continue;
+            }
+            self.releasing.push(Release {
+                boot,
+                offset,
+                since: Instant::now(),
+                batches: 0,
+                readings: 0,
+            });
+        }
+    }
+
+    /// Releases one held segment (converted to UTC, appended to the log): a segment per
+    /// turn, so appends and acknowledgements go on in between.
+    fn release_step(&mut self) {
+        if self.releasing.is_empty() || self.fault.is_some() || Instant::now() < self.release_retry
+        {
+            return;
+        }
+        let Some(log) = &mut self.log else { return };
+        let Some(r) = self.releasing.first_mut() else {
+            return;
+        };
+        match log.release_step(&r.boot, r.offset) {
+            Ok(Some((batches, readings, dropped))) => {
+                r.batches += batches;
+                r.readings += readings;
+                report_dropped(dropped);
+            }
+            Ok(None) => {
+                let r = self.releasing.remove(0);
+                if r.batches > 0 {
+                    tracing::info!(
+                        "clock of boot {} known: {} held batch(es), {} reading(s) converted to UTC and queued in {:.3} s",
+                        crate::clock::boot_id_hex(&r.boot),
+                        r.batches,
+                        r.readings,
+                        r.since.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            Err(e) => {
+                self.release_retry = Instant::now() + RETRY_EVERY;
+                tracing::error!(
+                    "spool: cannot release the held batches of boot {} now ({e}): they stay held, tried again in {}s",
+                    crate::clock::boot_id_hex(&r.boot),
+                    RETRY_EVERY.as_secs()
+                );
+            }
+        }
     }
 
     /// Nothing more to hand out (held batches wait for a clock that may never come; batches
@@ -632,7 +674,6 @@ impl Service {
     }
 
     fn ack_on_disk(&mut self, seq: u64) {
-        self.forget(seq);
         let Some(log) = &mut self.log else { return };
         if let Err(e) = log.ack(seq) {
             self.disk_error(&e);
@@ -674,12 +715,19 @@ impl Service {
             return Err((b, e));
         };
         let before = log.next_seq();
+        // Stamped on a boot clock with no known offset: kept in the held segments.
+        let held = b.boot.filter(|id| self.boots.get(id).is_none());
+        if let Some(boot) = held {
+            return match log.append_held(&b, boot) {
+                Ok(dropped) => {
+                    report_dropped(dropped);
+                    Ok(b)
+                }
+                Err(e) => Err((b, e)),
+            };
+        }
         match log.append(&mut b) {
             Ok(dropped) => {
-                self.remember(&b);
-                if dropped.batches > 0 {
-                    self.recount(0);
-                }
                 report_dropped(dropped);
                 Ok(b)
             }
@@ -690,8 +738,6 @@ impl Service {
                     "spool {}: a batch was written but the clean-up after it failed: {e}",
                     log.dir().display()
                 );
-                self.remember(&b);
-                self.recount(0);
                 Ok(b)
             }
             Err(e) => {
@@ -744,7 +790,7 @@ impl Service {
         if tx.try_send(Parcel::of_batch(&b)).is_ok()
             && let Some(log) = &mut self.log
         {
-            log.handed_live(seq);
+            log.handed_live(seq, b.len() as u32);
         }
     }
 
@@ -788,6 +834,7 @@ impl Service {
                     report_recovery(&log);
                     self.log = Some(log);
                     self.scanning = true;
+                    self.queue_releases();
                 }
                 Err(e) => {
                     self.disk_error(&e);
@@ -798,15 +845,16 @@ impl Service {
         let mut written = 0u64;
         while let Some(k) = self.memory.pop_front() {
             let memory_seq = k.batch.seq;
+            let held = k.batch.boot.is_some_and(|id| self.boots.get(&id).is_none());
             match self.write(k.batch) {
                 Ok(b) => {
                     written += 1;
                     Stats::add(&self.spool_stats.written_from_memory_batches, 1);
-                    if k.handed {
+                    if k.handed && !held {
                         // The publisher has it: its PUBACK names the memory seq.
                         self.alias.insert(memory_seq, b.seq);
                         if let Some(log) = &mut self.log {
-                            log.handed_live(b.seq);
+                            log.handed_live(b.seq, b.len() as u32);
                         }
                     }
                     // Not handed out: the backlog reads it from the disk.
@@ -883,9 +931,10 @@ impl Service {
                     match self.boots.get(&id) {
                         Some(offset) => b.shift_timestamps(offset),
                         None => {
-                            // Never published with an invented time: kept until the offset
-                            // of its boot is known (if ever), exported by `spool export`.
-                            self.held.insert(b.seq);
+                            // Never published with an invented time: moved to the held
+                            // segments until the offset of its boot is known (if ever),
+                            // exported by `spool export`.
+                            self.hold(&b, id);
                             continue;
                         }
                     }
@@ -900,10 +949,29 @@ impl Service {
                 bytes += b.body.len() + 1;
                 batches.push(b);
             }
+            self.settle_held();
             if batches.is_empty() {
                 return;
             }
             self.pending = Some(Parcel { batches });
+        }
+    }
+
+    /// A batch of the log stamped on a boot clock with no known offset (written before the
+    /// held segments existed, or its boot's offset was lost): copied to the held segments.
+    fn hold(&mut self, b: &Batch, boot: [u8; 16]) {
+        let Some(log) = &mut self.log else { return };
+        match log.hold(b, boot) {
+            Ok(dropped) => report_dropped(dropped),
+            // It stays in the log, handed out (so not read again before a restart).
+            Err(e) => self.disk_error(&e),
+        }
+    }
+
+    fn settle_held(&mut self) {
+        let Some(log) = &mut self.log else { return };
+        if let Err(e) = log.settle_held() {
+            self.disk_error(&e);
         }
     }
 
@@ -961,15 +1029,15 @@ impl Service {
         let s = &self.spool_stats;
         s.memory_batches.store(self.memory.len() as u64, Relaxed);
         s.memory_bytes.store(self.memory.bytes as u64, Relaxed);
-        s.held_batches.store(self.held.len() as u64, Relaxed);
-        s.unacked_readings.store(self.known_readings, Relaxed);
-        let oldest = self
-            .known
-            .values()
-            .next()
-            .map_or(0, |&(_, at)| (at / 1000).max(0) as u64);
-        s.oldest_unacked_ms.store(oldest, Relaxed);
         let Some(log) = &self.log else { return };
+        let (held_batches, _, held_bytes) = log.held_counts();
+        s.held_batches.store(held_batches, Relaxed);
+        s.held_bytes.store(held_bytes, Relaxed);
+        s.unacked_readings.store(log.unacked_readings(), Relaxed);
+        let oldest = log
+            .oldest_unacked_us()
+            .map_or(0, |at| (at / 1000).max(0) as u64);
+        s.oldest_unacked_ms.store(oldest, Relaxed);
         let Losses {
             cap_readings,
             corrupt_bytes,
@@ -984,6 +1052,8 @@ impl Service {
         s.unacked_batches.store(log.unacked_batches(), Relaxed);
         s.bytes.store(log.bytes(), Relaxed);
         s.cap_dropped_readings.store(cap_readings, Relaxed);
+        s.cap_dropped_held_batches
+            .store(log.losses.cap_held_batches, Relaxed);
         s.corrupt_bytes.store(corrupt_bytes, Relaxed);
         s.corrupt_cuts.store(corrupt_cuts, Relaxed);
     }
