@@ -1,6 +1,7 @@
 //! The command line: `run`, `simulate`, `check-config`.
 
 use crate::config::{Config, ConfigError};
+use crate::logging::LogFormat;
 use crate::pipeline::{self, Plan, Sink, Timing};
 use crate::source::{SimSettings, Speed};
 use crate::stats::Stats;
@@ -31,12 +32,6 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -225,9 +220,9 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config, no_files } => match Config::load(&config).and_then(|c| {
             if no_files {
-                c.check_dbc(&config.display().to_string())?;
+                crate::preflight::dbc(&c, &config.display().to_string())?;
             } else {
-                c.check_files(&config.display().to_string())?;
+                crate::preflight::files(&c, &config.display().to_string())?;
             }
             Ok(c)
         }) {
@@ -413,7 +408,7 @@ fn execute_with(
     replay: Option<crate::replay::Replay>,
 ) -> ExitCode {
     if sink == Sink::Mqtt
-        && let Err(e) = config.check_files(&path.display().to_string())
+        && let Err(e) = crate::preflight::files(&config, &path.display().to_string())
     {
         return config_failure(&e);
     }

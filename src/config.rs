@@ -962,46 +962,6 @@ impl Config {
         Ok(())
     }
 
-    /// Checks the files the configuration names (DBC, certificates, key): readable and
-    /// usable. Separate from parsing so a config can be checked before they are installed.
-    pub fn check_files(&self, file: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, message: String| ConfigError {
-            file: file.to_string(),
-            key: key.to_string(),
-            message,
-        };
-        self.check_dbc(file)?;
-        let Some(m) = &self.mqtt else { return Ok(()) };
-        for (key, path) in [
-            ("mqtt.ca", &m.ca),
-            ("mqtt.cert", &m.cert),
-            ("mqtt.key", &m.key),
-        ] {
-            if let Err(e) = std::fs::File::open(path) {
-                return Err(err(key, format!("cannot read {}: {e}", path.display())));
-            }
-        }
-        crate::tls::client_config(m)
-            .map(|_| ())
-            .map_err(|(key, msg)| err(&key, msg))
-    }
-
-    /// Checks the DBC of a CAN source and the bindings to it, as a start would (`check-config
-    /// --no-files` too: the DBC is part of the configuration, not a secret installed
-    /// later): a defect in a bound message is an error, the others are logged as warnings.
-    pub fn check_dbc(&self, file: &str) -> Result<(), ConfigError> {
-        if self.source.kind != SourceKind::Can {
-            return Ok(());
-        }
-        crate::can::Decoding::from_config(self)
-            .map(|_| ())
-            .map_err(|(key, message)| ConfigError {
-                file: file.to_string(),
-                key,
-                message,
-            })
-    }
-
     /// A warning when the private key can be read by anyone but its owner (and group): it
     /// identifies the car to AWS.
     pub fn key_permission_warning(&self) -> Option<String> {
@@ -1266,23 +1226,5 @@ mod tests {
             "7 after the prefix"
         );
         assert!(telemetry_topic(&"x".repeat(257), "GT3").is_err());
-    }
-
-    #[test]
-    fn missing_cert_names_key() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, "x").expect("write");
-        let text = format!(
-            "[vehicle]\nid = \"x\"\n[mqtt]\nendpoint = \"h\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            ca,
-            dir.path().join("nope.pem"),
-            ca
-        );
-        let config = parse(&text).expect("valid apart from its files");
-        assert_eq!(
-            config.check_files("test.toml").unwrap_err().key,
-            "mqtt.cert"
-        );
     }
 }

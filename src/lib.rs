@@ -16,6 +16,7 @@ pub mod line_protocol;
 pub mod logging;
 pub mod notify;
 pub mod pipeline;
+pub mod preflight;
 pub mod record;
 pub mod reopen;
 pub mod replay;
