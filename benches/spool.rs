@@ -2,10 +2,13 @@
 //! 1. append cost per batch (buffered, and with an fsync per batch);
 //! 2. replay of a one-hour 10 Hz backlog (36,000 readings) to a local Mosquitto with mutual
 //!    TLS and the rate limits off: start of the agent to its exit with everything acknowledged;
-//! 3. restart with a full spool (1 GiB) to the first message at the subscriber.
+//! 3. restart with a full spool (1 GiB) to the first message at the subscriber;
+//! 4. the agent's peak RSS (VmHWM) draining spools of 0 to 1 GiB (issue 12, item 6);
+//! 5. restart and release time with batches held for a clock (issue 12, item 5).
 //!
 //! `cargo bench --bench spool` runs the full sizes; under `cargo test` it runs a small
-//! version of each so the code path stays exercised.
+//! version of each so the code path stays exercised. `SPOOL_BENCH_ONLY=rss` (`append`,
+//! `held`, `replay`, `restart`) runs one part.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -30,12 +33,144 @@ fn main() {
         if full { "full" } else { "smoke" },
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    append_cost(if full { 20_000 } else { 500 });
+    // SPOOL_BENCH_ONLY=rss (or held): that part alone.
+    let only = std::env::var("SPOOL_BENCH_ONLY").ok();
+    let all = only.is_none();
+    let part = |name: &str| all || only.as_deref() == Some(name);
+    if part("append") {
+        append_cost(if full { 20_000 } else { 500 });
+    }
     let work = tempfile::tempdir().expect("tempdir");
+    if part("held") {
+        held_release(work.path(), if full { 256 << 20 } else { 4 << 20 });
+    }
+    if !(part("replay") || part("restart") || part("rss")) {
+        return;
+    }
     let pki = Pki::generate(work.path(), support::VEHICLE_ID);
     let broker = Broker::start(&pki, work.path(), false);
-    replay(&pki, &broker, work.path(), readings);
-    restart(&pki, &broker, work.path(), spool_bytes);
+    if part("replay") {
+        replay(&pki, &broker, work.path(), readings);
+    }
+    if part("restart") {
+        restart(&pki, &broker, work.path(), spool_bytes);
+    }
+    if !part("rss") {
+        return;
+    }
+    let sizes: &[u64] = if full {
+        &[0, 64 << 20, 256 << 20, 1 << 30]
+    } else {
+        &[0, 4 << 20, 16 << 20]
+    };
+    for &size in sizes {
+        rss(&pki, &broker, work.path(), size);
+    }
+}
+
+/// The peak RSS (VmHWM, KiB) of the process `pid`, as last seen.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The agent drains a spool of `bytes` to Mosquitto (rate limits off) and exits; its peak
+/// RSS is read from /proc while it runs.
+fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64) {
+    let spool = dir.join(format!("spool-rss-{}", bytes >> 20));
+    let one = {
+        let mut v = Vec::new();
+        redline_agent::spool::frame::encode(&batch(0), &mut v);
+        v.len() as u64
+    };
+    let batches = bytes / one;
+    fill(&spool, batches, 2 << 30);
+    let cfg = config(pki, broker, dir, &spool);
+    let t = Instant::now();
+    let mut agent = support::agent();
+    agent.args(["simulate", "--config"]).arg(&cfg).args([
+        "--duration",
+        "100ms",
+        "--speed",
+        "max",
+        "--start",
+        "2030-01-01T00:00:00Z",
+    ]);
+    let mut p = Proc::spawn("redline-agent", agent);
+    let pid = p.pid();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(k) = vm_hwm_kib(pid) {
+                    peak = peak.max(k);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    let status = p.wait_or_panic(Duration::from_secs(1800));
+    let took = t.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = poller.join().unwrap_or(0);
+    assert!(status.success(), "agent failed: {}", p.stderr_text());
+    println!(
+        "RSS draining a {} MiB spool ({batches} batches) to Mosquitto: VmHWM {:.1} MiB ({peak} KiB), {:.1} s to exit",
+        bytes >> 20,
+        peak as f64 / 1024.0,
+        took.as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&spool);
+}
+
+/// A spool whose held segments (batches of a boot whose clock never became trusted) hold
+/// `bytes`: the restart (open, nothing read of them) and the release once the offset of
+/// that boot is known (only the held segments read, converted, appended to the log).
+fn held_release(dir: &Path, bytes: u64) {
+    let spool = dir.join("spool-held");
+    let boot = [0x5a; 16];
+    let opts = Options {
+        dir: spool.clone(),
+        segment_bytes: 8 << 20,
+        max_bytes: 4 << 30,
+    };
+    let mut log = SpoolLog::open(opts.clone()).expect("open spool");
+    let mut k = 0;
+    while log.held_counts().2 < bytes {
+        let mut b = batch(k);
+        b.boot = Some(boot);
+        log.append_held(&b, boot).expect("append held");
+        k += 1;
+    }
+    // Some acknowledged data in the log too (deleted as it is acknowledged).
+    log.close().expect("close");
+    let t = Instant::now();
+    let mut log = SpoolLog::open(opts).expect("open spool");
+    let restart = t.elapsed();
+    let read_at_start = log.frames_read;
+    let t = Instant::now();
+    let mut released = 0;
+    while let Some((n, _, _)) = log
+        .release_step(&boot, 1_700_000_000_000_000)
+        .expect("release")
+    {
+        released += n;
+    }
+    log.sync().expect("sync");
+    let release = t.elapsed();
+    println!(
+        "held for a clock: {k} batches ({} MiB): restart {:.1} ms ({read_at_start} frames read), release (converted, appended to the log, synced) {:.2} s for {released} batches",
+        bytes >> 20,
+        restart.as_secs_f64() * 1e3,
+        release.as_secs_f64()
+    );
+    assert_eq!(released, k);
+    drop(log);
+    let _ = std::fs::remove_dir_all(&spool);
 }
 
 /// A realistic batch: ten records as the agent writes them.

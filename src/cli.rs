@@ -546,8 +546,8 @@ fn spool_command(cmd: SpoolCommand) -> ExitCode {
             println!("old-format segments: {}", r.old_format_segments);
             println!("read retries:       {}", r.read_retries);
             println!(
-                "boot-clock batches: {} (sampled before the clock was trusted; times not yet UTC)",
-                r.boot_clock_batches
+                "boot-clock batches: {} (sampled before the clock was trusted; times not yet UTC; {} held segment(s))",
+                r.boot_clock_batches, r.held_segments
             );
         }),
         SpoolCommand::Export { .. } => {
