@@ -86,196 +86,238 @@ pub async fn run(
         status_file,
     } = plan;
     let stop = stop.child_token();
-    let meta = crate::health::Meta {
-        vehicle_id: config.vehicle.id.clone(),
-        session_id: session_id.clone(),
-        started_ms: crate::clock::wall_now_us() / 1000,
-        source: if replay.is_some() {
-            "replay".to_string()
-        } else if timing == Timing::Data {
-            "simulator".to_string()
-        } else {
-            format!("{:?}", config.source.kind).to_lowercase()
-        },
-    };
-    let period = 1_000_000 / i64::from(config.sampling.rate_hz);
+    let meta = meta_of(&config, &session_id, timing, replay.is_some());
     let (src_tx, src_rx) = mpsc::channel::<SourceEvent>(1024);
     let (reading_tx, reading_rx) = mpsc::channel::<Reading>(256);
     let upstream_done = CancellationToken::new();
+    let wiring = Wiring {
+        config: &config,
+        stats: &stats,
+        spool_stats: &spool_stats,
+        stop: &stop,
+    };
 
     // The spool and the publisher start first: a spool.dir that can never be a spool (not
     // a directory, not ours, another agent's) stops the start, before sampling. A disk
     // that is full, read-only or failing does not: the spool thread runs from memory and
     // takes the spool up when the disk allows (see `spool::service`).
     let (out, delivery) = match sink {
-        Sink::Mqtt => {
-            let m = config.mqtt.as_ref().ok_or_else(|| StartError {
-                key: "mqtt".into(),
-                message: "the [mqtt] table is required to publish (or use --stdout)".into(),
-            })?;
-            let topic = config.topic().ok_or_else(|| StartError {
-                key: "mqtt.topic".into(),
-                message: "not a valid topic".into(),
-            })?;
-            let settings = PublisherSettings {
-                topic,
-                window: usize::from(m.max_inflight),
-                shutdown_timeout: config.delivery.shutdown_timeout.0,
-                endpoint: format!("{}:{}", m.endpoint, m.port),
-                status: config
-                    .status_topic()
-                    .map(|topic| crate::publisher::StatusSettings {
-                        topic,
-                        interval: config.status.interval.0,
-                        meta: meta.clone(),
-                    }),
-            };
-            let sync_interval = match config.spool.as_ref().map(|s| s.sync_interval) {
-                Some(SyncInterval::Always) => None,
-                Some(SyncInterval::Every(d)) => Some(d.0),
-                None => Some(Duration::from_secs(1)),
-            };
-            let spool_settings = spool::Settings {
-                log: spool_opts.clone(),
-                sync_interval,
-                order: config.delivery.order,
-                mode: config.batch.payload,
-                max_payload: config.batch.max_bytes.0 as usize,
-                memory_batches: config.delivery.memory_batches,
-                memory_bytes: usize::try_from(config.delivery.memory_bytes.0).unwrap_or(usize::MAX),
-            };
-            let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
-            let (thread, channels) = spool::service::start(
-                spool_settings,
-                cmd_rx,
-                spool_stats.clone(),
-            )
-            .map_err(|e| StartError {
-                key: "spool.dir".into(),
-                message: format!("cannot use {} as the spool: {e}", spool_opts.dir.display()),
-            })?;
-            let inputs = Inputs {
-                live: channels.live,
-                backlog: channels.backlog,
-                spool: cmd_tx.clone(),
-                upstream_done: upstream_done.clone(),
-                spool_stats: spool_stats.clone(),
-            };
-            let queue_cap = config.delivery.memory_batches as u64;
-            let config = config.clone();
-            let stats = stats.clone();
-            let stop = stop.clone();
-            let publisher = tokio::spawn(async move {
-                let result = publisher::run(&config, settings, inputs, stats, stop.clone()).await;
-                if result.is_err() {
-                    // Without a publisher nothing can leave: stop the rest.
-                    stop.cancel();
-                }
-                result
-            });
-            (
-                BatchOut::Spool(cmd_tx, spool_stats.clone(), queue_cap),
-                Delivery::Mqtt { publisher, thread },
-            )
-        }
+        Sink::Mqtt => wiring.start_publishing(&spool_opts, &meta, &upstream_done)?,
         Sink::Stdout => {
             let (batch_tx, batch_rx) = mpsc::channel::<Batch>(8);
-            let mode = config.batch.payload;
-            let printer = tokio::spawn(stdout_sink(batch_rx, mode));
+            let printer = tokio::spawn(stdout_sink(batch_rx, config.batch.payload));
             (BatchOut::Stdout(batch_tx), Delivery::Stdout(printer))
         }
     };
-
-    // Live: the sampling clock, and what the wall clock is worth (see `clock`).
-    let boot_id = crate::clock::boot_id();
-    let clock_source = clock_source(&config);
-    let grid_step = grid_step(config.sampling.rate_hz);
-    let (clock, timebase) = match (timing, clock_source.check()) {
-        (Timing::Data, _) => (LiveClock::start(0), None),
-        (Timing::Live, crate::clock::Verdict::Trusted) => {
-            let offset = crate::clock::wall_now_us() - crate::clock::boot_now_us();
-            if let BatchOut::Spool(tx, ..) = &out {
-                // Readings an earlier run of this boot stamped on the boot clock can go.
-                let _ = tx.send(Cmd::BootOffset {
-                    boot_id,
-                    offset: crate::clock::round_to(offset, grid_step),
-                });
-            }
-            let tb = TimeBase {
-                trusted: true,
-                correction: 0,
-                boot_id,
-            };
-            (LiveClock::start(offset), Some(tb))
-        }
-        (Timing::Live, crate::clock::Verdict::Untrusted(why)) => {
-            tracing::warn!(
-                "wall clock not trusted ({why}): readings are stamped on the boot clock and kept in the spool until it is"
-            );
-            let tb = TimeBase {
-                trusted: false,
-                correction: 0,
-                boot_id,
-            };
-            (LiveClock::start(0), Some(tb))
-        }
+    let (clock, timebase) = wiring.start_clock(timing, &out);
+    let source = wiring.start_source(timing, replay, sim, clock, src_tx)?;
+    let sampling = wiring.start_sampler(timing, clock, src_rx, reading_tx);
+    let batching = {
+        let encoder = RecordEncoder::new(&config, &session_id);
+        let period = 1_000_000 / i64::from(config.sampling.rate_hz);
+        let batcher = Batcher::new(Limits::from_config(&config.batch), period, 0);
+        tokio::spawn(batch_readings(
+            reading_rx,
+            out,
+            encoder,
+            batcher,
+            timebase,
+            timing,
+            stats.clone(),
+        ))
     };
-    let timebase = timebase.map(|tb| {
+    let publishing = matches!(delivery, Delivery::Mqtt { .. });
+    let health = wiring.start_health(status_file, &meta, publishing);
+
+    // Stopping the source drains every stage behind it.
+    let _ = source.await;
+    let _ = sampling.await;
+    let _ = batching.await;
+    upstream_done.cancel();
+    let summary = finish_delivery(delivery, &spool_stats).await?;
+    health.finish(&stop).await;
+    Ok(summary)
+}
+
+/// Who the status messages say is running.
+fn meta_of(config: &Config, session_id: &str, timing: Timing, replay: bool) -> crate::health::Meta {
+    crate::health::Meta {
+        vehicle_id: config.vehicle.id.clone(),
+        session_id: session_id.to_owned(),
+        started_ms: crate::clock::wall_now_us() / 1000,
+        source: if replay {
+            "replay".to_string()
+        } else if timing == Timing::Data {
+            "simulator".to_string()
+        } else {
+            format!("{:?}", config.source.kind).to_lowercase()
+        },
+    }
+}
+
+/// What every stage constructor needs.
+struct Wiring<'a> {
+    config: &'a Config,
+    stats: &'a Arc<Stats>,
+    spool_stats: &'a Arc<SpoolStats>,
+    stop: &'a CancellationToken,
+}
+
+/// The health tasks: status file, systemd supervisor, periodic stats line.
+struct Health {
+    status_file: Option<tokio::task::JoinHandle<()>>,
+    supervisor: tokio::task::JoinHandle<()>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Health {
+    async fn finish(self, stop: &CancellationToken) {
+        self.ticker.abort();
+        self.supervisor.abort();
+        // A run that ended by itself (simulate, replay) was never asked to stop: the status
+        // file task writes its last snapshot and ends only on this token.
+        stop.cancel();
+        if let Some(t) = self.status_file {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Wiring<'_> {
+    /// The spool thread and the MQTT publisher.
+    fn start_publishing(
+        &self,
+        spool_opts: &spool::Options,
+        meta: &crate::health::Meta,
+        upstream_done: &CancellationToken,
+    ) -> Result<(BatchOut, Delivery), StartError> {
+        let config = self.config;
+        let settings = publisher_settings(config, meta)?;
+        let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
+        let (thread, channels) = spool::service::start(
+            spool_settings(config, spool_opts),
+            cmd_rx,
+            self.spool_stats.clone(),
+        )
+        .map_err(|e| StartError {
+            key: "spool.dir".into(),
+            message: format!("cannot use {} as the spool: {e}", spool_opts.dir.display()),
+        })?;
+        let inputs = Inputs {
+            live: channels.live,
+            backlog: channels.backlog,
+            spool: cmd_tx.clone(),
+            upstream_done: upstream_done.clone(),
+            spool_stats: self.spool_stats.clone(),
+        };
+        let queue_cap = config.delivery.memory_batches as u64;
+        let config = config.clone();
+        let stats = self.stats.clone();
+        let stop = self.stop.clone();
+        let publisher = tokio::spawn(async move {
+            let result = publisher::run(&config, settings, inputs, stats, stop.clone()).await;
+            if result.is_err() {
+                // Without a publisher nothing can leave: stop the rest.
+                stop.cancel();
+            }
+            result
+        });
+        Ok((
+            BatchOut::Spool(cmd_tx, self.spool_stats.clone(), queue_cap),
+            Delivery::Mqtt { publisher, thread },
+        ))
+    }
+
+    /// Live: the sampling clock, and what the wall clock is worth (see `clock`), watched
+    /// from here on. Data timing needs neither.
+    fn start_clock(
+        &self,
+        timing: Timing,
+        out: &BatchOut,
+    ) -> (LiveClock, Option<tokio::sync::watch::Receiver<TimeBase>>) {
+        let config = self.config;
+        let boot_id = crate::clock::boot_id();
+        let clock_source = clock_source(config);
+        let grid_step = grid_step(config.sampling.rate_hz);
+        let (clock, tb) = match (timing, clock_source.check()) {
+            (Timing::Data, _) => return (LiveClock::start(0), None),
+            (Timing::Live, crate::clock::Verdict::Trusted) => {
+                let offset = crate::clock::wall_now_us() - crate::clock::boot_now_us();
+                if let BatchOut::Spool(tx, ..) = out {
+                    // Readings an earlier run of this boot stamped on the boot clock can go.
+                    let _ = tx.send(Cmd::BootOffset {
+                        boot_id,
+                        offset: crate::clock::round_to(offset, grid_step),
+                    });
+                }
+                let tb = TimeBase {
+                    trusted: true,
+                    correction: 0,
+                    boot_id,
+                };
+                (LiveClock::start(offset), tb)
+            }
+            (Timing::Live, crate::clock::Verdict::Untrusted(why)) => {
+                tracing::warn!(
+                    "wall clock not trusted ({why}): readings are stamped on the boot clock and kept in the spool until it is"
+                );
+                let tb = TimeBase {
+                    trusted: false,
+                    correction: 0,
+                    boot_id,
+                };
+                (LiveClock::start(0), tb)
+            }
+        };
         let (tx, rx) = tokio::sync::watch::channel(tb);
-        let spool_tx = match &out {
+        let spool_tx = match out {
             BatchOut::Spool(t, ..) => Some(t.clone()),
             BatchOut::Stdout(_) => None,
         };
-        let every = config.clock.check_interval.0;
-        let stop = stop.clone();
         tokio::spawn(watch_clock(
-            clock_source.clone(),
+            clock_source,
             clock,
             tx,
             spool_tx,
             grid_step,
-            every,
-            stop,
+            config.clock.check_interval.0,
+            self.stop.clone(),
         ));
-        rx
-    });
-    // Live, the simulated car runs on the sampling clock like any other source.
-    let sim = match timing {
-        Timing::Live => SimSettings {
-            start: clock.now(),
-            ..sim
-        },
-        Timing::Data => sim,
-    };
-    let source = {
-        let config = config.clone();
-        let stop = stop.clone();
-        let stats = stats.clone();
-        match (config.source.kind, timing) {
-            _ if replay.is_some() => {
-                let decoding = match config.source.kind {
-                    SourceKind::Can => crate::can::Decoding::from_config(&config),
-                    _ => crate::can::Decoding::for_simulator(&config),
-                }
-                .map_err(|(key, message)| StartError { key, message })?;
-                let replay = replay.ok_or_else(|| StartError {
-                    key: String::new(),
-                    message: "no log to replay".into(),
-                })?;
-                tokio::spawn(async move {
-                    let file = replay.file.display().to_string();
-                    if let Err(e) =
-                        crate::replay::run(replay, decoding, stats.clone(), src_tx, stop).await
-                    {
-                        tracing::error!("replay of {file}: {e}");
-                        Stats::add(&stats.source_unusable, 1);
-                    }
-                })
+        (clock, Some(rx))
+    }
+
+    /// The configured source, a replayed log, or the simulated car.
+    fn start_source(
+        &self,
+        timing: Timing,
+        replay: Option<crate::replay::Replay>,
+        sim: SimSettings,
+        clock: LiveClock,
+        src_tx: mpsc::Sender<SourceEvent>,
+    ) -> Result<tokio::task::JoinHandle<()>, StartError> {
+        let config = self.config.clone();
+        let stop = self.stop.clone();
+        let stats = self.stats.clone();
+        let start_error = |(key, message)| StartError { key, message };
+        if let Some(replay) = replay {
+            let decoding = match config.source.kind {
+                SourceKind::Can => crate::can::Decoding::from_config(&config),
+                _ => crate::can::Decoding::for_simulator(&config),
             }
+            .map_err(start_error)?;
+            return Ok(tokio::spawn(async move {
+                let file = replay.file.display().to_string();
+                if let Err(e) =
+                    crate::replay::run(replay, decoding, stats.clone(), src_tx, stop).await
+                {
+                    tracing::error!("replay of {file}: {e}");
+                    Stats::add(&stats.source_unusable, 1);
+                }
+            }));
+        }
+        Ok(match (config.source.kind, timing) {
             (SourceKind::Serial, Timing::Live) => {
-                let format = config
-                    .line_format()
-                    .map_err(|(key, message)| StartError { key, message })?;
+                let format = config.line_format().map_err(start_error)?;
                 let parser = LineParser::new(format).map_err(|e| StartError {
                     key: "source".into(),
                     message: e.to_string(),
@@ -285,101 +327,166 @@ pub async fn run(
                 })
             }
             (SourceKind::Can, Timing::Live) => {
-                let decoding = crate::can::Decoding::from_config(&config)
-                    .map_err(|(key, message)| StartError { key, message })?;
+                let decoding = crate::can::Decoding::from_config(&config).map_err(start_error)?;
                 tokio::spawn(async move {
                     crate::can::run(&config, decoding, clock, src_tx, stats, stop).await
                 })
             }
             _ => {
-                let decoding = crate::can::Decoding::for_simulator(&config)
-                    .map_err(|(key, message)| StartError { key, message })?;
+                let decoding = crate::can::Decoding::for_simulator(&config).map_err(start_error)?;
                 let encoder = crate::can::FrameEncoder::new(&config, &decoding);
+                // Live, the simulated car runs on the sampling clock like any other source.
+                let sim = match timing {
+                    Timing::Live => SimSettings {
+                        start: clock.now(),
+                        ..sim
+                    },
+                    Timing::Data => sim,
+                };
                 tokio::spawn(async move {
                     source::simulator(&config, sim, Some((encoder, decoding)), stats, src_tx, stop)
                         .await
                 })
             }
-        }
-    };
-    let sampler = Sampler::new(&config, stats.clone());
-    let sampling = match timing {
-        Timing::Data => tokio::spawn(sample_on_data_clock(
-            src_rx,
-            reading_tx,
-            DataClock::new(sampler),
-        )),
-        Timing::Live => tokio::spawn(sample_on_live_clock(
-            src_rx,
-            reading_tx,
-            sampler,
-            clock,
-            stats.clone(),
-            stop.clone(),
-        )),
-    };
-    let batching = {
-        let encoder = RecordEncoder::new(&config, &session_id);
-        let batcher = Batcher::new(Limits::from_config(&config.batch), period, 0);
-        let stats = stats.clone();
-        tokio::spawn(batch_readings(
-            reading_rx, out, encoder, batcher, timebase, timing, stats,
-        ))
-    };
-    let publishing = matches!(delivery, Delivery::Mqtt { .. });
-    let status_file = status_file
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(|path| {
-            tokio::spawn(write_status_file(
-                path,
-                config.status.file_interval.0,
-                meta.clone(),
-                stats.clone(),
-                publishing.then(|| spool_stats.clone()),
-                stop.clone(),
-            ))
-        });
-    let supervisor = tokio::spawn(crate::notify::supervise(
-        stats.clone(),
-        publishing.then(|| spool_stats.clone()),
-        publishing,
-        stop.clone(),
-    ));
-    // A spool that cannot be written does not hold READY back; the STATUS says so at once.
-    crate::notify::ready(&crate::notify::status_line(
-        &stats,
-        publishing.then_some(spool_stats.as_ref()),
-    ));
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            crate::notify::stopping();
-        });
-    }
-    let ticker = {
-        let stats = stats.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(60));
-            every.tick().await;
-            loop {
-                tokio::select! {
-                    _ = every.tick() => tracing::info!("stats: {}", stats.line()),
-                    _ = stop.cancelled() => return,
-                }
-            }
         })
-    };
+    }
 
-    let _ = source.await;
-    let _ = sampling.await;
-    let _ = batching.await;
-    upstream_done.cancel();
-    let summary = match delivery {
+    fn start_sampler(
+        &self,
+        timing: Timing,
+        clock: LiveClock,
+        src_rx: mpsc::Receiver<SourceEvent>,
+        reading_tx: mpsc::Sender<Reading>,
+    ) -> tokio::task::JoinHandle<()> {
+        let sampler = Sampler::new(self.config, self.stats.clone());
+        match timing {
+            Timing::Data => tokio::spawn(sample_on_data_clock(
+                src_rx,
+                reading_tx,
+                DataClock::new(sampler),
+            )),
+            Timing::Live => tokio::spawn(sample_on_live_clock(
+                src_rx,
+                reading_tx,
+                sampler,
+                clock,
+                self.stats.clone(),
+                self.stop.clone(),
+            )),
+        }
+    }
+
+    /// The status file, READY and the watchdog, the stats line every minute.
+    fn start_health(
+        &self,
+        status_file: Option<std::path::PathBuf>,
+        meta: &crate::health::Meta,
+        publishing: bool,
+    ) -> Health {
+        let (stats, stop) = (self.stats, self.stop);
+        let spool = publishing.then(|| self.spool_stats.clone());
+        let status_file = status_file
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|path| {
+                tokio::spawn(write_status_file(
+                    path,
+                    self.config.status.file_interval.0,
+                    meta.clone(),
+                    stats.clone(),
+                    spool.clone(),
+                    stop.clone(),
+                ))
+            });
+        let supervisor = tokio::spawn(crate::notify::supervise(
+            stats.clone(),
+            spool.clone(),
+            publishing,
+            stop.clone(),
+        ));
+        // A spool that cannot be written does not hold READY back; the STATUS says so at once.
+        crate::notify::ready(&crate::notify::status_line(stats, spool.as_deref()));
+        {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                crate::notify::stopping();
+            });
+        }
+        let ticker = {
+            let stats = stats.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(60));
+                every.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => tracing::info!("stats: {}", stats.line()),
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            })
+        };
+        Health {
+            status_file,
+            supervisor,
+            ticker,
+        }
+    }
+}
+
+fn publisher_settings(
+    config: &Config,
+    meta: &crate::health::Meta,
+) -> Result<PublisherSettings, StartError> {
+    let m = config.mqtt.as_ref().ok_or_else(|| StartError {
+        key: "mqtt".into(),
+        message: "the [mqtt] table is required to publish (or use --stdout)".into(),
+    })?;
+    let topic = config.topic().ok_or_else(|| StartError {
+        key: "mqtt.topic".into(),
+        message: "not a valid topic".into(),
+    })?;
+    Ok(PublisherSettings {
+        topic,
+        window: usize::from(m.max_inflight),
+        shutdown_timeout: config.delivery.shutdown_timeout.0,
+        endpoint: format!("{}:{}", m.endpoint, m.port),
+        status: config
+            .status_topic()
+            .map(|topic| crate::publisher::StatusSettings {
+                topic,
+                interval: config.status.interval.0,
+                meta: meta.clone(),
+            }),
+    })
+}
+
+fn spool_settings(config: &Config, opts: &spool::Options) -> spool::Settings {
+    let sync_interval = match config.spool.as_ref().map(|s| s.sync_interval) {
+        Some(SyncInterval::Always) => None,
+        Some(SyncInterval::Every(d)) => Some(d.0),
+        None => Some(Duration::from_secs(1)),
+    };
+    spool::Settings {
+        log: opts.clone(),
+        sync_interval,
+        order: config.delivery.order,
+        mode: config.batch.payload,
+        max_payload: config.batch.max_bytes.0 as usize,
+        memory_batches: config.delivery.memory_batches,
+        memory_bytes: usize::try_from(config.delivery.memory_bytes.0).unwrap_or(usize::MAX),
+    }
+}
+
+/// Waits for the publisher (or the printer) and the spool thread to end.
+async fn finish_delivery(
+    delivery: Delivery,
+    spool_stats: &SpoolStats,
+) -> Result<Summary, StartError> {
+    match delivery {
         Delivery::Stdout(printer) => {
             let _ = printer.await;
-            Summary::default()
+            Ok(Summary::default())
         }
         Delivery::Mqtt { publisher, thread } => {
             match publisher.await {
@@ -394,20 +501,13 @@ pub async fn run(
             {
                 tracing::error!("spool thread failed");
             }
-            Summary {
-                unacked_batches: Stats::get(&spool_stats.unacked_batches),
-            }
+            // Batches held for a clock are unacknowledged too, in segments of their own.
+            Ok(Summary {
+                unacked_batches: Stats::get(&spool_stats.unacked_batches)
+                    + Stats::get(&spool_stats.held_batches),
+            })
         }
-    };
-    ticker.abort();
-    supervisor.abort();
-    // A run that ended by itself (simulate, replay) was never asked to stop: the status
-    // file task writes its last snapshot and ends only on this token.
-    stop.cancel();
-    if let Some(t) = status_file {
-        let _ = t.await;
     }
-    Ok(summary)
 }
 
 enum Delivery {
