@@ -124,6 +124,7 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
                 "oldest_at": if oldest == 0 { Value::Null } else { rfc3339(oldest as i64) },
                 "age_s": if oldest == 0 { Value::Null } else { ((now_ms - oldest as i64).max(0) / 1000).into() },
                 "held_for_clock_batches": g(&s.held_batches),
+                "held_for_clock_bytes": g(&s.held_bytes),
             }),
         );
         // The disk under the spool: while it cannot be written, batches live in memory.
@@ -148,6 +149,7 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
             "losses".into(),
             json!({
                 "dropped_at_cap_readings": g(&s.cap_dropped_readings),
+                "dropped_at_cap_held_batches": g(&s.cap_dropped_held_batches),
                 "corrupt_cuts": g(&s.corrupt_cuts),
                 "corrupt_bytes": g(&s.corrupt_bytes),
                 "corrupt_frames": g(&s.corrupt_frames),

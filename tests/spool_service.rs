@@ -394,3 +394,61 @@ fn a_never_trusted_boot_spanning_a_full_spool_does_not_pin_it() {
         release.as_secs_f64() * 1e3
     );
 }
+
+/// A spool written before held segments existed has boot-clock batches in the log: the
+/// backlog moves them to `held/` (so they no longer pin the log), and they are released
+/// once their boot's offset is known.
+#[test]
+fn boot_clock_batches_in_the_log_are_moved_out_of_its_way() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path();
+    let boot = [0x3c; 16];
+    let mut log = SpoolLog::open(opts(dir, 4096, 1 << 30)).expect("open");
+    for k in 0..40 {
+        log.append(&mut boot_batch(k, boot)).expect("append");
+    }
+    log.close().expect("close");
+    let segments_before = segment_files(dir).len();
+    assert!(segments_before > 3);
+    let stats = Arc::new(SpoolStats::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (thread, mut channels) =
+        service::start(settings(opts(dir, 4096, 1 << 30)), rx, stats.clone()).expect("start");
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            stats.unacked_batches.load(Relaxed) == 0 && stats.held_batches.load(Relaxed) == 40
+        }),
+        "moved to held/: unacked {} held {}",
+        stats.unacked_batches.load(Relaxed),
+        stats.held_batches.load(Relaxed)
+    );
+    assert!(channels.backlog.try_recv().is_err(), "nothing published");
+    assert!(
+        wait_for(Duration::from_secs(5), || segment_files(dir).len() == 1),
+        "the log's segments go: {:?}",
+        segment_files(dir)
+    );
+    let offset = 1_800_000_000_000_000i64;
+    tx.send(Cmd::BootOffset {
+        boot_id: boot,
+        offset,
+    })
+    .expect("send");
+    let mut got = Vec::new();
+    assert!(wait_for(Duration::from_secs(10), || {
+        while let Ok(p) = channels.backlog.try_recv() {
+            for b in p.batches {
+                tx.send(Cmd::Ack(b.seq)).expect("ack");
+                got.push(b.first_at);
+            }
+            tx.send(Cmd::Wake).expect("wake");
+        }
+        got.len() == 40
+    }));
+    let want: Vec<i64> = (0..40)
+        .map(|k| boot_batch(k, boot).first_at + offset)
+        .collect();
+    assert_eq!(got, want, "every batch, converted, in order");
+    drop(tx);
+    thread.join().expect("join");
+}
