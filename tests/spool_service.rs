@@ -356,13 +356,22 @@ fn a_never_trusted_boot_spanning_a_full_spool_does_not_pin_it() {
             }
             tx.send(Cmd::Wake).expect("wake");
         }
-        released.len() as u64 == held_now
+        let dropped = stats.cap_dropped_held_batches.load(Relaxed) - dropped_held_2;
+        released.len() as u64 + dropped == held_now && held_files(dir).is_empty()
     });
     let release = t.elapsed();
+    let dropped_in_release = stats.cap_dropped_held_batches.load(Relaxed) - dropped_held_2;
     assert!(
         all,
-        "{} of {held_now} held batches released",
-        released.len()
+        "{} of {held_now} held batches released, {dropped_in_release} dropped, held files {:?}",
+        released.len(),
+        held_files(dir)
+    );
+    // A converted batch is a little longer (UTC times have more digits): with the spool at
+    // its cap, that may cost one held segment, no more.
+    assert!(
+        dropped_in_release <= 16,
+        "{dropped_in_release} held batches dropped during the release"
     );
     for b in &released {
         assert_eq!(b.boot, None, "converted");
@@ -388,7 +397,7 @@ fn a_never_trusted_boot_spanning_a_full_spool_does_not_pin_it() {
     drop(tx);
     thread.join().expect("join");
     eprintln!(
-        "held batches: {held_before} in {} KiB of held segments; restart (open) {:.1} ms reading no held frame; release of {held_now} batches to the last one out {:.1} ms",
+        "held batches: {held_before} in {} KiB of held segments; restart (open) {:.1} ms reading no held frame; release of {held_now} batches to the last one out {:.1} ms ({dropped_in_release} dropped at the cap)",
         max / 1024,
         restart.as_secs_f64() * 1e3,
         release.as_secs_f64() * 1e3

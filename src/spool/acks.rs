@@ -9,7 +9,7 @@
 //! loses none) and synced on the spool's interval; the file is rewritten atomically, with a
 //! higher base and fewer entries, when it grows.
 
-use std::collections::BTreeSet;
+use super::seqset::SeqSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ pub struct AckFile {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct AckState {
     pub base: u64,
-    pub above: BTreeSet<u64>,
+    pub above: SeqSet,
     /// Entries that failed their CRC (a torn last write); ignored.
     pub damaged: usize,
 }
@@ -110,7 +110,7 @@ impl AckFile {
 
     /// Makes the entries durable; rewrites the file when it has grown, with `base` and
     /// the acknowledged batches above it.
-    pub fn sync(&mut self, base: u64, above: &BTreeSet<u64>) -> io::Result<()> {
+    pub fn sync(&mut self, base: u64, above: &SeqSet) -> io::Result<()> {
         // Counted since the last rewrite: when the base cannot move (batches held for a
         // clock that never came) the file is not rewritten at every sync.
         if self.entries >= COMPACT_AFTER {
@@ -127,7 +127,7 @@ impl AckFile {
     }
 
     /// Rewrites the file now (at a clean stop, and when a base moved far).
-    pub fn compact(&mut self, base: u64, above: &BTreeSet<u64>) -> io::Result<()> {
+    pub fn compact(&mut self, base: u64, above: &SeqSet) -> io::Result<()> {
         self.file = write_fresh(&self.path, base, above)?;
         self.entries = 0;
         self.dirty = false;
@@ -136,19 +136,18 @@ impl AckFile {
 }
 
 /// Writes a new ack file beside the old one, syncs it, and renames it into place.
-fn write_fresh(path: &Path, base: u64, above: &BTreeSet<u64>) -> io::Result<File> {
+fn write_fresh(path: &Path, base: u64, above: &SeqSet) -> io::Result<File> {
     let tmp = path.with_extension("tmp");
-    let mut buf = Vec::with_capacity(HEAD + above.len() * ENTRY);
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&base.to_le_bytes());
-    buf.extend_from_slice(&crc(&base.to_le_bytes()).to_le_bytes());
-    for seq in above.range(base..) {
-        buf.extend_from_slice(&seq.to_le_bytes());
-        buf.extend_from_slice(&crc(&seq.to_le_bytes()).to_le_bytes());
-    }
     {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&buf)?;
+        let mut f = io::BufWriter::new(File::create(&tmp)?);
+        f.write_all(MAGIC)?;
+        f.write_all(&base.to_le_bytes())?;
+        f.write_all(&crc(&base.to_le_bytes()).to_le_bytes())?;
+        for seq in above.iter_from(base) {
+            f.write_all(&seq.to_le_bytes())?;
+            f.write_all(&crc(&seq.to_le_bytes()).to_le_bytes())?;
+        }
+        let f = f.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
@@ -183,11 +182,11 @@ mod tests {
         raw.write_all(&[1, 2, 3, 4, 5]).expect("write");
         drop(raw);
         let (mut f, s) = AckFile::open(dir.path()).expect("reopen");
-        assert_eq!(s.above, BTreeSet::from([3, 5, 9]));
+        assert_eq!(s.above, SeqSet::from_iter([3, 5, 9]));
         assert_eq!(s.damaged, 1);
-        f.compact(6, &BTreeSet::from([9])).expect("compact");
+        f.compact(6, &SeqSet::from_iter([9])).expect("compact");
         drop(f);
         let (_, s) = AckFile::open(dir.path()).expect("reopen");
-        assert_eq!((s.base, s.above), (6, BTreeSet::from([9])));
+        assert_eq!((s.base, s.above), (6, SeqSet::from_iter([9])));
     }
 }

@@ -92,7 +92,7 @@ fn walk(
                 Item::Frame { end, header, .. } => {
                     at = end;
                     let seq = header.seq;
-                    if !is_held && (seq < state.base || state.above.contains(&seq)) {
+                    if !is_held && (seq < state.base || state.above.contains(seq)) {
                         continue;
                     }
                     if frame::boot(&payload).is_some_and(|id| !offsets.contains_key(&id)) {

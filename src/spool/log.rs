@@ -11,11 +11,17 @@
 //! the end of the segment, or any damage in an old-format segment) or marked in place as a
 //! hole (damage followed by a valid frame), so that no later reader counts them again. A
 //! read error is not damage: it is retried, and then reported as an error with nothing cut.
+//!
+//! Batches stamped on a boot clock whose offset to UTC is not known are not kept here but
+//! in the held segments (`held`), so they never keep the log's head from moving; the size
+//! cap weighs both. The health report's counts (unacknowledged readings, the oldest time)
+//! are kept per segment, never per batch: the log's memory does not grow with the spool.
 
 use super::acks::{AckFile, sync_dir};
 use super::frame::{self, HEADER, SEG_HEAD, Version};
 use super::held::{HeldSeg, HeldStore};
 use super::segment::{Item, Magic, Read, SegmentReader};
+use super::seqset::SeqSet;
 use crate::batch::Batch;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -143,7 +149,7 @@ pub struct SpoolLog {
     next_seq: u64,
     acks: AckFile,
     base: u64,
-    acked: BTreeSet<u64>,
+    acked: SeqSet,
     /// Batches handed to the publisher and not acknowledged: seq → readings (bounded by
     /// what is in flight).
     outstanding: BTreeMap<u64, u32>,
@@ -297,7 +303,7 @@ impl SpoolLog {
                         at = end;
                         self.frames_read += 1;
                         let seq = header.seq;
-                        if seq < self.base || seq >= self.scan_end || self.acked.contains(&seq) {
+                        if seq < self.base || seq >= self.scan_end || self.acked.contains(seq) {
                             continue;
                         }
                         if let Some((n, first_at, _)) = frame::summary(&summary) {
@@ -404,7 +410,7 @@ impl SpoolLog {
             seg.bytes = len;
         }
         self.next_seq = last_seq.map_or(last.first, |s| s + 1).max(self.base);
-        if let Some(&max_acked) = self.acked.iter().next_back() {
+        if let Some(max_acked) = self.acked.last() {
             self.next_seq = self.next_seq.max(max_acked + 1);
         }
         if r.version() == Version::V1 {
@@ -567,6 +573,12 @@ impl SpoolLog {
 
     /// Appends a batch, assigning its sequence number. Returns what the size cap dropped.
     pub fn append(&mut self, batch: &mut Batch) -> io::Result<Dropped> {
+        self.write_batch(batch)?;
+        self.enforce_cap()
+    }
+
+    /// Writes a batch at the end of the log, without the size cap.
+    fn write_batch(&mut self, batch: &mut Batch) -> io::Result<()> {
         let tail_full = self.roll_tail
             || self
                 .segments
@@ -603,7 +615,7 @@ impl SpoolLog {
             seg.bytes += self.scratch.len() as u64;
             seg.add(batch.len() as u64, batch.first_at);
         }
-        self.enforce_cap()
+        Ok(())
     }
 
     /// Keeps a batch stamped on `boot`'s clock (whose offset to UTC is not known) in the
@@ -671,14 +683,17 @@ impl SpoolLog {
             return Ok(None);
         };
         match self.release_seg(&seg, offset) {
-            Ok(done) => {
+            Ok((batches, readings)) => {
                 if let Err(e) = self.held.remove(&seg) {
                     tracing::error!(
                         "spool: released {} but cannot remove it ({e}): its batches may be sent twice",
                         seg.path.display()
                     );
                 }
-                Ok(Some(done))
+                // The bytes moved from the held segment to the log; the cap weighs them
+                // once the held copy is gone (a converted batch is a little longer).
+                let dropped = self.enforce_cap()?;
+                Ok(Some((batches, readings, dropped)))
             }
             Err(e) => {
                 self.held.put_back(seg);
@@ -687,8 +702,7 @@ impl SpoolLog {
         }
     }
 
-    fn release_seg(&mut self, seg: &HeldSeg, offset: i64) -> io::Result<(u64, u64, Dropped)> {
-        let mut dropped = Dropped::default();
+    fn release_seg(&mut self, seg: &HeldSeg, offset: i64) -> io::Result<(u64, u64)> {
         let (mut batches, mut readings) = (0u64, 0u64);
         let mut r = SegmentReader::open(&seg.path, seg.bytes, &mut self.read_io)?;
         if r.magic() != Magic::Short {
@@ -712,18 +726,23 @@ impl SpoolLog {
                         );
                         at = end;
                     }
-                    Item::Frame { end, header, .. } => {
+                    Item::Frame {
+                        at: from,
+                        end,
+                        header,
+                    } => {
                         at = end;
                         self.frames_read += 1;
                         let Some(mut b) = frame::decode(header.seq, &payload) else {
-                            self.count_damage(end - SEG_HEAD.min(end), 1);
+                            // Its CRC holds but it does not decode: damage all the same.
+                            self.count_damage(end - from, 1);
                             continue;
                         };
                         b.shift_timestamps(offset);
                         b.boot = None;
                         batches += 1;
                         readings += b.len() as u64;
-                        dropped.add(&self.append(&mut b)?);
+                        self.write_batch(&mut b)?;
                     }
                 }
             }
@@ -732,7 +751,7 @@ impl SpoolLog {
             self.tail.sync_data()?;
             self.dirty = false;
         }
-        Ok((batches, readings, dropped))
+        Ok((batches, readings))
     }
 
     /// The batch just appended went out live: the cursor need not read it again.
@@ -783,7 +802,7 @@ impl SpoolLog {
         let w = self.done_below();
         if w > self.base {
             self.base = w;
-            self.acked = self.acked.split_off(&w);
+            self.acked.retain_from(w);
             self.delete_done_segments()?;
         }
         Ok(())
@@ -921,20 +940,20 @@ impl SpoolLog {
                 last_at: None,
             };
         }
-        let s = Segment::new(0, h.path.clone(), h.bytes, true);
-        // Every batch in it counts: none has a seq of the log.
-        let (base, acked) = (self.base, std::mem::take(&mut self.acked));
-        self.base = 0;
-        let d = self.count_dropped(&s);
-        self.base = base;
-        self.acked = acked;
-        d
+        self.count_frames(&h.path, h.bytes, true)
     }
 
     /// The unacknowledged batches of a segment about to be dropped. A batch the publisher
     /// holds is no longer durable either: it is counted, and delivered after all if its
     /// PUBACK still comes.
     fn count_dropped(&mut self, s: &Segment) -> Dropped {
+        self.count_frames(&s.path, s.bytes, false)
+    }
+
+    /// The batches of a segment file that were never acknowledged (`all`: every batch, for
+    /// a held segment, whose batches have no seq of the log).
+    fn count_frames(&mut self, path: &Path, bytes: u64, all: bool) -> Dropped {
+        let s = Segment::new(0, path.to_path_buf(), bytes, true);
         let mut d = Dropped::default();
         let mut r = match SegmentReader::open(&s.path, s.bytes, &mut self.read_io) {
             Ok(r) => r,
@@ -957,7 +976,7 @@ impl SpoolLog {
                 Ok(Item::Hole { end, .. } | Item::Damage { end, .. }) => at = end,
                 Ok(Item::Frame { end, header, .. }) => {
                     at = end;
-                    if header.seq < self.base || self.acked.contains(&header.seq) {
+                    if !all && (header.seq < self.base || self.acked.contains(header.seq)) {
                         continue;
                     }
                     if let Some((n, first, last)) = frame::summary(&payload) {
@@ -1080,7 +1099,7 @@ impl SpoolLog {
                     self.cursor.offset = end;
                     self.cursor.floor = self.cursor.floor.max(header.seq + 1);
                     let skip = header.seq < self.base
-                        || self.acked.contains(&header.seq)
+                        || self.acked.contains(header.seq)
                         || self.outstanding.contains_key(&header.seq);
                     if skip {
                         continue;
@@ -1126,7 +1145,7 @@ impl SpoolLog {
 
     /// Batches appended and not yet acknowledged.
     pub fn unacked_batches(&self) -> u64 {
-        let acked_above = self.acked.range(self.base..).count() as u64;
+        let acked_above = self.acked.count_in(self.base, u64::MAX);
         self.next_seq
             .saturating_sub(self.base)
             .saturating_sub(acked_above)
@@ -1143,7 +1162,7 @@ impl SpoolLog {
             if end <= start {
                 continue;
             }
-            let acked = self.acked.range(start..end).count() as u64;
+            let acked = self.acked.count_in(start, end);
             if end - start > acked {
                 total += s.bytes;
             }

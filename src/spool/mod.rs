@@ -10,6 +10,7 @@ pub mod held;
 pub mod inspect;
 pub mod log;
 pub mod segment;
+pub mod seqset;
 pub mod service;
 
 pub use log::{Options, SpoolLog};

@@ -15,6 +15,11 @@
 //! oldest first and before any newer batch, and synced. A batch the bound pushes out of
 //! memory before it was handed to the publisher is lost: counted and logged. One already
 //! handed out is lost only if its PUBACK never comes; that is counted at the stop.
+//!
+//! A batch stamped on a boot clock whose offset to UTC is not known goes to the held
+//! segments (`held`), never published with an invented time. When the offset of a boot
+//! becomes known, its held segments are released a segment per turn of the loop (converted
+//! to UTC, appended to the log behind what it holds), so appends never wait for all of them.
 
 use super::boots::Boots;
 use super::log::{Dropped, Losses, Options, SpoolLog};
