@@ -64,7 +64,10 @@ fn main() {
         &[0, 4 << 20, 16 << 20]
     };
     for &size in sizes {
-        rss(&pki, &broker, work.path(), size);
+        rss(&pki, &broker, work.path(), size, true);
+    }
+    for &size in sizes {
+        rss(&pki, &broker, work.path(), size, false);
     }
 }
 
@@ -75,9 +78,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The agent drains a spool of `bytes` to Mosquitto (rate limits off) and exits; its peak
-/// RSS is read from /proc while it runs.
-fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64) {
+/// The agent's peak RSS, read from /proc while it runs with a spool of `bytes`:
+/// `drain`: rate limits off, the whole spool sent, to the exit; otherwise the default
+/// delivery settings (AWS's limits) for 20 s of a live run.
+fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64, drain: bool) {
     let spool = dir.join(format!("spool-rss-{}", bytes >> 20));
     let one = {
         let mut v = Vec::new();
@@ -86,17 +90,30 @@ fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64) {
     };
     let batches = bytes / one;
     fill(&spool, batches, 2 << 30);
-    let cfg = config(pki, broker, dir, &spool);
+    let mut cfg = config(pki, broker, dir, &spool);
+    if !drain {
+        let text = std::fs::read_to_string(&cfg).expect("read config");
+        let text = text
+            .replace("max_publish_per_sec = 0\n", "")
+            .replace("max_bytes_per_sec = 0\n", "");
+        cfg = cfg.with_extension("limits.toml");
+        std::fs::write(&cfg, text).expect("write config");
+    }
     let t = Instant::now();
     let mut agent = support::agent();
-    agent.args(["simulate", "--config"]).arg(&cfg).args([
-        "--duration",
-        "100ms",
-        "--speed",
-        "max",
-        "--start",
-        "2030-01-01T00:00:00Z",
-    ]);
+    agent.args(["simulate", "--config"]).arg(&cfg);
+    if drain {
+        agent.args([
+            "--duration",
+            "100ms",
+            "--speed",
+            "max",
+            "--start",
+            "2030-01-01T00:00:00Z",
+        ]);
+    } else {
+        agent.args(["--duration", "1h", "--speed", "1"]);
+    }
     let mut p = Proc::spawn("redline-agent", agent);
     let pid = p.pid();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -113,17 +130,37 @@ fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64) {
             peak
         })
     };
-    let status = p.wait_or_panic(Duration::from_secs(1800));
+    if !drain {
+        std::thread::sleep(Duration::from_secs(20));
+    }
+    let status = if drain {
+        p.wait_or_panic(Duration::from_secs(1800))
+    } else {
+        p.terminate()
+    };
     let took = t.elapsed();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = poller.join().unwrap_or(0);
-    assert!(status.success(), "agent failed: {}", p.stderr_text());
-    println!(
-        "RSS draining a {} MiB spool ({batches} batches) to Mosquitto: VmHWM {:.1} MiB ({peak} KiB), {:.1} s to exit",
-        bytes >> 20,
-        peak as f64 / 1024.0,
-        took.as_secs_f64()
-    );
+    let stderr = p.stderr_text();
+    if drain {
+        assert!(status.success(), "agent failed: {stderr}");
+        assert!(
+            !stderr.contains("spool keeps"),
+            "the spool was not drained: {stderr}"
+        );
+        println!(
+            "RSS draining a {} MiB spool ({batches} batches) to Mosquitto, rate limits off, every batch acknowledged: VmHWM {:.1} MiB ({peak} KiB), {:.1} s to exit",
+            bytes >> 20,
+            peak as f64 / 1024.0,
+            took.as_secs_f64()
+        );
+    } else {
+        println!(
+            "RSS in 20 s of a live run with a {} MiB spool ({batches} batches), default delivery limits: VmHWM {:.1} MiB ({peak} KiB)",
+            bytes >> 20,
+            peak as f64 / 1024.0,
+        );
+    }
     let _ = std::fs::remove_dir_all(&spool);
 }
 
