@@ -461,3 +461,51 @@ fn boot_clock_batches_in_the_log_are_moved_out_of_its_way() {
     drop(tx);
     thread.join().expect("join");
 }
+
+/// The status's oldest unacknowledged time follows the acknowledgements within a segment
+/// (the counts are kept per segment, not per batch).
+#[test]
+fn the_oldest_unacknowledged_time_moves_within_a_segment() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path();
+    let mut log = SpoolLog::open(opts(dir, 1 << 20, 1 << 30)).expect("open");
+    for k in 0..100 {
+        log.append(&mut batch(k, 10)).expect("append");
+    }
+    log.close().expect("close");
+    assert_eq!(segment_files(dir).len(), 1);
+    let stats = Arc::new(SpoolStats::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (thread, mut channels) =
+        service::start(settings(opts(dir, 1 << 20, 1 << 30)), rx, stats.clone()).expect("start");
+    let mut first = None;
+    assert!(wait_for(Duration::from_secs(5), || {
+        if first.is_none() {
+            first = channels.backlog.try_recv().ok();
+        }
+        first.is_some() && stats.unacked_readings.load(Relaxed) == 1000
+    }));
+    assert_eq!(stats.oldest_unacked_ms.load(Relaxed), T0_MS as u64);
+    let first = first.expect("a parcel");
+    let last_k = first.batches.len() as u64;
+    assert!(last_k < 100, "{last_k} batches in the first parcel");
+    for b in &first.batches {
+        tx.send(Cmd::Ack(b.seq)).expect("ack");
+    }
+    tx.send(Cmd::Wake).expect("wake");
+    let want = (T0_MS + last_k as i64 * 1000) as u64;
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            stats.oldest_unacked_ms.load(Relaxed) == want
+        }),
+        "oldest {} ms, want {want} ms",
+        stats.oldest_unacked_ms.load(Relaxed)
+    );
+    assert_eq!(
+        stats.unacked_readings.load(Relaxed),
+        1000 - 10 * last_k,
+        "the readings follow the acknowledgements"
+    );
+    drop(tx);
+    thread.join().expect("join");
+}

@@ -152,7 +152,10 @@ pub struct SpoolLog {
     acked: SeqSet,
     /// Batches handed to the publisher and not acknowledged: seq → readings (bounded by
     /// what is in flight).
-    outstanding: BTreeMap<u64, u32>,
+    outstanding: BTreeMap<u64, (u32, i64)>,
+    /// Sampling time (µs) of the last batch the cursor read: the batches after it in its
+    /// segment are not older (for the oldest unacknowledged time).
+    cursor_at: Option<i64>,
     cursor: Cursor,
     /// The next seq when the log was opened: batches below it are counted by the idle
     /// scan, those from it on as they are appended.
@@ -232,6 +235,7 @@ impl SpoolLog {
             base: state.base,
             acked: state.above,
             outstanding: BTreeMap::new(),
+            cursor_at: None,
             scan_end: 0,
             held,
             frames_read: 0,
@@ -755,8 +759,8 @@ impl SpoolLog {
     }
 
     /// The batch just appended went out live: the cursor need not read it again.
-    pub fn handed_live(&mut self, seq: u64, readings: u32) {
-        self.outstanding.insert(seq, readings);
+    pub fn handed_live(&mut self, seq: u64, readings: u32, first_at: i64) {
+        self.outstanding.insert(seq, (readings, first_at));
     }
 
     pub fn sync(&mut self) -> io::Result<()> {
@@ -780,7 +784,7 @@ impl SpoolLog {
 
     /// The broker acknowledged batch `seq`.
     pub fn ack(&mut self, seq: u64) -> io::Result<()> {
-        if let Some(n) = self.outstanding.remove(&seq) {
+        if let Some((n, _)) = self.outstanding.remove(&seq) {
             let scan_end = self.scan_end;
             if let Some(s) = self.segment_of_mut(seq)
                 && (s.counted || seq >= scan_end)
@@ -844,13 +848,26 @@ impl SpoolLog {
         self.segments.iter().map(|s| s.readings).sum()
     }
 
-    /// Sampling time (µs) of the oldest unacknowledged batch known, to within a segment
-    /// (the oldest of its segment when it was counted).
+    /// Sampling time (µs) of the oldest unacknowledged batch known: the oldest handed out,
+    /// or the first segment from the cursor's on that holds unacknowledged readings (in the
+    /// cursor's segment, the last batch it read; in a later one, its oldest when counted).
     pub fn oldest_unacked_us(&self) -> Option<i64> {
-        self.segments
+        let out = self.outstanding.values().map(|&(_, at)| at).min();
+        let ahead = self
+            .segments
             .iter()
-            .find(|s| s.readings > 0)
-            .and_then(|s| s.oldest)
+            .filter(|s| s.readings > 0 && s.first >= self.cursor.seg_first)
+            .find_map(|s| {
+                if s.first == self.cursor.seg_first && self.cursor.offset > SEG_HEAD {
+                    self.cursor_at.or(s.oldest)
+                } else {
+                    s.oldest
+                }
+            });
+        match (out, ahead) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// At the size cap, drops the oldest whole segment, counting what was never delivered.
@@ -1106,7 +1123,9 @@ impl SpoolLog {
                     }
                     match frame::decode(header.seq, payload) {
                         Some(b) => {
-                            self.outstanding.insert(header.seq, b.len() as u32);
+                            self.outstanding
+                                .insert(header.seq, (b.len() as u32, b.first_at));
+                            self.cursor_at = Some(b.first_at);
                             return Ok(Some(b));
                         }
                         // Its CRC holds but it does not decode: damage all the same.

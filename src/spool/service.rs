@@ -795,7 +795,7 @@ impl Service {
         if tx.try_send(Parcel::of_batch(&b)).is_ok()
             && let Some(log) = &mut self.log
         {
-            log.handed_live(seq, b.len() as u32);
+            log.handed_live(seq, b.len() as u32, b.first_at);
         }
     }
 
@@ -859,7 +859,7 @@ impl Service {
                         // The publisher has it: its PUBACK names the memory seq.
                         self.alias.insert(memory_seq, b.seq);
                         if let Some(log) = &mut self.log {
-                            log.handed_live(b.seq, b.len() as u32);
+                            log.handed_live(b.seq, b.len() as u32, b.first_at);
                         }
                     }
                     // Not handed out: the backlog reads it from the disk.
