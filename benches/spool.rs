@@ -64,10 +64,11 @@ fn main() {
         &[0, 4 << 20, 16 << 20]
     };
     for &size in sizes {
-        rss(&pki, &broker, work.path(), size, true);
+        rss(&pki, &broker, work.path(), size, None);
     }
+    let live = Duration::from_secs(if full { 20 } else { 3 });
     for &size in sizes {
-        rss(&pki, &broker, work.path(), size, false);
+        rss(&pki, &broker, work.path(), size, Some(live));
     }
 }
 
@@ -79,9 +80,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 }
 
 /// The agent's peak RSS, read from /proc while it runs with a spool of `bytes`:
-/// `drain`: rate limits off, the whole spool sent, to the exit; otherwise the default
-/// delivery settings (AWS's limits) for 20 s of a live run.
-fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64, drain: bool) {
+/// `live`: `None`, rate limits off, the whole spool sent, to the exit; `Some(d)`, the
+/// default delivery settings (AWS's limits) for `d` of a live run.
+fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64, live: Option<Duration>) {
+    let drain = live.is_none();
     let spool = dir.join(format!("spool-rss-{}", bytes >> 20));
     let one = {
         let mut v = Vec::new();
@@ -130,8 +132,8 @@ fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64, drain: bool) {
             peak
         })
     };
-    if !drain {
-        std::thread::sleep(Duration::from_secs(20));
+    if let Some(d) = live {
+        std::thread::sleep(d);
     }
     let status = if drain {
         p.wait_or_panic(Duration::from_secs(1800))
@@ -156,7 +158,8 @@ fn rss(pki: &Pki, broker: &Broker, dir: &Path, bytes: u64, drain: bool) {
         );
     } else {
         println!(
-            "RSS in 20 s of a live run with a {} MiB spool ({batches} batches), default delivery limits: VmHWM {:.1} MiB ({peak} KiB)",
+            "RSS in {} s of a live run with a {} MiB spool ({batches} batches), default delivery limits: VmHWM {:.1} MiB ({peak} KiB)",
+            live.map_or(0, |d| d.as_secs()),
             bytes >> 20,
             peak as f64 / 1024.0,
         );
