@@ -509,3 +509,29 @@ fn the_oldest_unacknowledged_time_moves_within_a_segment() {
     drop(tx);
     thread.join().expect("join");
 }
+
+/// A stop reports every held batch, even those of held segments the idle scan had not
+/// counted yet (a short run with a spool to read).
+#[test]
+fn a_stop_reports_every_held_batch() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path();
+    let boot = [0x77; 16];
+    let mut log = SpoolLog::open(opts(dir, 4096, 1 << 30)).expect("open");
+    for k in 0..50 {
+        log.append_held(&boot_batch(k, boot), boot)
+            .expect("append held");
+    }
+    for k in 0..200 {
+        log.append(&mut batch(1000 + k, 10)).expect("append");
+    }
+    log.close().expect("close");
+    let stats = Arc::new(SpoolStats::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (thread, _channels) =
+        service::start(settings(opts(dir, 4096, 1 << 30)), rx, stats.clone()).expect("start");
+    drop(tx);
+    thread.join().expect("join");
+    assert_eq!(stats.held_batches.load(Relaxed), 50);
+    assert_eq!(stats.unacked_batches.load(Relaxed), 200);
+}

@@ -328,6 +328,12 @@ impl SpoolLog {
         true
     }
 
+    /// Counts the held segments present at start that the idle scan has not reached (their
+    /// frame headers only), so that `held_counts` is exact.
+    pub fn count_held(&mut self) {
+        while self.scan_held_step() {}
+    }
+
     /// Counts the batches of one held segment present at start; false when none is left.
     fn scan_held_step(&mut self) -> bool {
         let Some(seg) = self.held.uncounted() else {

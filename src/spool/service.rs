@@ -549,6 +549,10 @@ impl Service {
         } else {
             self.report_losses(true);
         }
+        if let Some(log) = &mut self.log {
+            // The held batches the idle scan did not count yet: the stop reports them all.
+            log.count_held();
+        }
         self.publish_stats();
         let Some(log) = self.log.take() else {
             tracing::error!(
