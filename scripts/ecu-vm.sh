@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The ECU in a box: a Debian 12 image with systemd as PID 1, booted in QEMU (software
 # emulation), amd64 or arm64 (`-M virt`, Cortex-A72). Built from Debian's packages with
-# mmdebstrap (minbase + systemd, udev, iproute2, can-utils, kmod; no recommends), Debian's
-# stock kernel and only the modules it needs (virtio, ext4, CAN, USB serial), a busybox
-# initramfs that mounts the virtio disk and hands over to systemd. Cached under
-# target/ecu-vm/ARCH and rebuilt when this script's image part changes.
+# mmdebstrap (minbase + systemd, systemd-timesyncd, dbus, udev, iproute2, can-utils, kmod;
+# no recommends), Debian's stock kernel and only the modules it needs (virtio, ext4, CAN,
+# USB serial), a busybox initramfs that mounts the virtio disk and hands over to systemd.
+# Cached under target/ecu-vm/ARCH and rebuilt when this script's image part changes.
 #
 # usage: scripts/ecu-vm.sh image ARCH            build the image if not cached; print its dir
 #        scripts/ecu-vm.sh disk ARCH OUT         a fresh writable copy of the image's disk
-#        scripts/ecu-vm.sh boot ARCH DISK [-f FILES.tar] [-p CTL_PORT] [-- KERNEL_ARGS...]
+#        scripts/ecu-vm.sh boot ARCH DISK [-f FILES.tar] [-p CTL_PORT] [-s SERIAL_SOCKET]
+#                                 [-- KERNEL_ARGS...]
 #                                                boot DISK (qemu in the foreground, console on
 #                                                stdout; SIGKILL it to cut the power)
+#        scripts/ecu-vm.sh demo [ARCH]           the README's "Try it on a virtual ECU" (root;
+#                                                ARCH defaults to arm64)
 # ARCH: amd64 | arm64.
 # env: ECU_VM_DIR  cache (default target/ecu-vm of the crate)   ECU_VM_MEM (1024, MiB)
 #      ECU_VM_SMP  guest CPUs (default 1)   ECU_VM_MIRROR (http://deb.debian.org/debian),
@@ -27,14 +30,17 @@
 #    `DONE <id> <rc> <base64 of stdout+stderr>`. Its first line is
 #    `HELLO <boot id> <uptime s> <systemctl is-system-running>`. It reconnects after a
 #    broken connection, and again at every boot;
-#  - FILES.tar is the second virtio disk (serial `files`): `tar -xf /dev/disk/by-id/virtio-files`.
+#  - FILES.tar is the second virtio disk (serial `files`): `tar -xf /dev/disk/by-id/virtio-files`;
+#  - SERIAL_SOCKET: a USB-serial adapter (QEMU's FTDI usb-serial on an xHCI controller, the
+#    guest's /dev/ttyUSB0) whose other end is a Unix socket QEMU listens on: what the host
+#    writes there, the guest reads from the tty.
 # exit: image/disk: 0 ok; 2 setup failed (the message says what to install or fix).
 #
 # Needs root the first time (mmdebstrap, chroot, binfmt_misc for arm64, apt-get for the
 # tools: mmdebstrap arch-test qemu-user-static e2fsprogs, and qemu's libraries). QEMU
 # itself (qemu-system-x86, qemu-system-arm) is fetched with apt-get download and unpacked
-# into the cache, never installed (see /work/shared/notes/socketcan-vm.md: installing
-# qemu-system from bookworm would remove the host's qemu-utils).
+# into the cache, never installed (as scripts/vcan-vm.sh does: installing qemu-system from
+# bookworm would remove a qemu-utils from backports).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 W=${ECU_VM_DIR:-$here/target/ecu-vm}
@@ -45,6 +51,7 @@ APT=(apt-get -q -o DPkg::Lock::Timeout=600 -o APT::Sandbox::User=root)
 export DEBIAN_FRONTEND=noninteractive
 
 log() { printf '== ecu-vm: %s\n' "$*" >&2; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { print }' "$0" >&2; }
 setup_failed() {
   printf 'ecu-vm: SETUP FAILED: %s\n' "$*" >&2
   cat >&2 <<EOF
@@ -359,21 +366,22 @@ ensure_image() { # ARCH -> prints the image dir
 cmd=${1:-}; shift || true
 case $cmd in
   image)
-    [ $# = 1 ] || { sed -n '2,30p' "$0" >&2; exit 2; }
+    [ $# = 1 ] || { usage; exit 2; }
     ensure_image "$1" ;;
   disk)
-    [ $# = 2 ] || { sed -n '2,30p' "$0" >&2; exit 2; }
+    [ $# = 2 ] || { usage; exit 2; }
     d=$(ensure_image "$1")
     cp --sparse=always "$d/disk.img" "$2" ;;
   boot)
-    [ $# -ge 2 ] || { sed -n '2,30p' "$0" >&2; exit 2; }
+    [ $# -ge 2 ] || { usage; exit 2; }
     arch=$1 disk=$2; shift 2
     arch_facts "$arch"
-    files= port=
+    files= port= serial=
     while [ $# -gt 0 ]; do
       case $1 in
         -f) files=$2; shift 2 ;;
         -p) port=$2; shift 2 ;;
+        -s) serial=$2; shift 2 ;;
         --) shift; break ;;
         *) echo "ecu-vm: unknown boot option $1" >&2; exit 2 ;;
       esac
@@ -390,6 +398,10 @@ case $cmd in
     if [ -n "$files" ]; then
       args+=(-drive "file=$files,format=raw,if=none,id=files,readonly=on" -device virtio-blk-pci,drive=files,serial=files)
     fi
+    if [ -n "$serial" ]; then
+      args+=(-device qemu-xhci,id=xhci -chardev "socket,id=ser0,path=$serial,server=on,wait=off"
+             -device usb-serial,bus=xhci.0,chardev=ser0)
+    fi
     cmdline="console=$CONSOLE ecu.ctl=${port:-0} rw quiet loglevel=4 systemd.show_status=false $*"
     if [ "$arch" = amd64 ]; then
       kernel=$d/vmlinux; [ -s "$kernel" ] || kernel=$d/vmlinuz
@@ -398,5 +410,30 @@ case $cmd in
       args+=(-M virt -cpu cortex-a72 -kernel "$d/vmlinuz")
     fi
     exec "$Q/usr/bin/$QEMU_BIN" "${args[@]}" -append "$cmdline" < /dev/null ;;
-  *) sed -n '2,30p' "$0" >&2; exit 2 ;;
+  demo)
+    # The README's "Try it on a virtual ECU": the package (built here if target/debian has
+    # none), the image, then tests/ecu_vm.rs's try_it_on_a_virtual_ecu, which boots the box,
+    # installs and starts the service and prints the readings as they arrive on this machine.
+    arch=${1:-arm64}
+    arch_facts "$arch"
+    [ "$(id -u)" = 0 ] || { echo "ecu-vm: demo: run as root (the image is built with mmdebstrap; the guest's time server binds 127.0.0.1:123)" >&2; exit 2; }
+    cd "$here"
+    debs=${REDLINE_DEB_DIR:-$here/target/debian}
+    if ! compgen -G "$debs/redline-agent_*_$arch.deb" >/dev/null; then
+      log "no $arch package in $debs: building it (cargo-deb; for arm64 Debian's cross toolchain)"
+      if [ "$(cargo deb --version 2>/dev/null | awk '{print $2}')" != 3.8.0 ]; then
+        cargo install cargo-deb --version 3.8.0 --locked
+      fi
+      if [ "$arch" = amd64 ]; then
+        cargo deb --locked --output "$debs/"
+      else
+        scripts/ci-aarch64.sh
+        CARGO_TARGET_DIR="${CARGO_TARGET_DIR_AARCH64:-$here/target/aarch64-debian}" cargo deb --locked \
+          --no-build --no-strip --target aarch64-unknown-linux-gnu --output "$debs/"
+      fi
+    fi
+    ensure_image "$arch" >/dev/null
+    ECU_VM_ARCH=$arch REDLINE_DEB_DIR=$debs exec cargo test -q --locked --features test-hooks \
+      --test ecu_vm -- --ignored --nocapture --exact try_it_on_a_virtual_ecu ;;
+  *) usage; exit 2 ;;
 esac

@@ -250,6 +250,8 @@ struct Vm {
     dir: PathBuf,
     disk: PathBuf,
     files: PathBuf,
+    /// The host end of the guest's USB-serial adapter (/dev/ttyUSB0).
+    serial: PathBuf,
     listener: TcpListener,
     qemu: Option<Child>,
     conn: Option<(BufReader<TcpStream>, TcpStream)>,
@@ -288,6 +290,7 @@ impl Vm {
             dir: dir.to_owned(),
             disk,
             files,
+            serial: dir.join("serial.sock"),
             listener,
             qemu: None,
             conn: None,
@@ -318,6 +321,8 @@ impl Vm {
             .arg("-f")
             .arg(&self.files)
             .args(["-p", &port])
+            .arg("-s")
+            .arg(&self.serial)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -420,12 +425,89 @@ impl Drop for Vm {
     }
 }
 
+// --- a sensor board on the USB-serial adapter --------------------------------------------
+
+/// Values the serial "sensor board" sends, as NMEA-style `$RDLTM` sentences (the format of
+/// config/agent.toml's serial example).
+const SERIAL_VALUES: [f64; 4] = [612.5, 601.0, 6500.0, 98.5];
+
+fn nmea(values: &[f64; 4]) -> String {
+    let body = format!(
+        "RDLTM,{:.1},{:.1},{},{:.1}",
+        values[0], values[1], values[2] as i64, values[3]
+    );
+    let sum = body.bytes().fold(0u8, |a, b| a ^ b);
+    format!("${body}*{sum:02X}\r\n")
+}
+
+/// Writes a sentence every 100 ms into QEMU's end of the adapter until dropped, and reads
+/// (and drops) whatever the guest writes to the tty: a tty echoes what it receives until
+/// its reader turns echo off, and QEMU's usb-serial blocks its whole main loop (the
+/// guest's network included) once a socket peer stops reading.
+struct SerialFeed {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl SerialFeed {
+    fn start(socket: &Path) -> SerialFeed {
+        let stream = std::os::unix::net::UnixStream::connect(socket).unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to the VM's serial socket {}: {e}",
+                socket.display()
+            )
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let line = nmea(&SERIAL_VALUES);
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = stream.try_clone().unwrap();
+        let threads = vec![
+            std::thread::spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    if writer.write_all(line.as_bytes()).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }),
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(std::io::Read::read(&mut reader, &mut buf), Ok(n) if n > 0) {}
+            }),
+        ];
+        SerialFeed {
+            stop,
+            threads,
+            stream,
+        }
+    }
+}
+
+impl Drop for SerialFeed {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 // --- what arrived at the broker ---------------------------------------------------------
 
 #[derive(Clone, Debug)]
 struct Rec {
     vehicle: String,
-    all_values: bool,
+    /// brake_disc_temp_fl, brake_disc_temp_fr, engine_rpm, engine_oil_temp
+    values: [Option<f64>; 4],
+}
+
+impl Rec {
+    fn all_values(&self) -> bool {
+        self.values.iter().all(Option::is_some)
+    }
 }
 
 #[derive(Default)]
@@ -462,19 +544,18 @@ impl Seen {
                 let Some(ts) = r["timestamp"].as_i64() else {
                     continue;
                 };
-                let all_values = [
+                let values = [
                     "brake_disc_temp_fl",
                     "brake_disc_temp_fr",
                     "engine_rpm",
                     "engine_oil_temp",
                 ]
-                .iter()
-                .all(|k| r[*k].is_number());
+                .map(|k| r[k].as_f64());
                 s.by_ts.insert(
                     ts,
                     Rec {
                         vehicle: r["vehicle_id"].as_str().unwrap_or("").to_owned(),
-                        all_values,
+                        values,
                     },
                 );
             }
@@ -580,17 +661,104 @@ systemctl show -p NRestarts,Result,StatusText redline-agent"#,
     )
 }
 
+/// What both tests start from: the integrator's files in a tar (the package, the CA, the
+/// device certificate and key), the broker with mutual TLS and a checking subscriber on
+/// this machine, the guest's time server, and the VM on a fresh disk.
+struct Bench {
+    work: tempfile::TempDir,
+    broker: Broker,
+    sub: Subscriber,
+    vm: Vm,
+    deb_name: String,
+}
+
+impl Bench {
+    fn new(arch: &str) -> Bench {
+        let deb = find_deb(arch);
+        sntp_server();
+        let work = tempfile::Builder::new()
+            .prefix("ecu-vm-test.")
+            .tempdir()
+            .unwrap();
+        let dir = work.path().to_owned();
+        let pki = pki(&dir);
+        let files = dir.join("files");
+        std::fs::create_dir(&files).unwrap();
+        let deb_name = deb.file_name().unwrap().to_str().unwrap().to_owned();
+        std::fs::copy(&deb, files.join(&deb_name)).unwrap();
+        std::fs::copy(&pki.ca, files.join("ca.pem")).unwrap();
+        std::fs::copy(&pki.client_cert, files.join("client.pem")).unwrap();
+        std::fs::copy(&pki.client_key, files.join("client.key")).unwrap();
+        let tar = dir.join("files.tar");
+        let st = Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&files)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success(), "tar of the guest's files failed");
+        let broker_dir = dir.join("broker");
+        std::fs::create_dir(&broker_dir).unwrap();
+        let broker = Broker::start(&pki, &broker_dir, true);
+        let sub = Subscriber::start(&broker);
+        let vm = Vm::new(arch, &dir, tar);
+        Bench {
+            work,
+            broker,
+            sub,
+            vm,
+            deb_name,
+        }
+    }
+}
+
+/// `apt install` of the package from the files disk, as an integrator would.
+fn install_script(deb_name: &str) -> String {
+    format!(
+        r#"set -e
+mkdir -p /root/files && tar -xf /dev/disk/by-id/virtio-files -C /root/files
+cd /root/files
+DEBIAN_FRONTEND=noninteractive apt install -y ./{deb_name} 2>&1 | tail -n 15
+echo "enabled=$(systemctl is-enabled redline-agent)"
+echo "active=$(systemctl is-active redline-agent || true)"
+echo "groups=$(id -nG redline-agent)""#
+    )
+}
+
+/// The README's steps on the ECU: certificates and key into /etc/redline-agent, agent.toml
+/// edited (vehicle, endpoint, port, CAN interface; the rest as shipped) and checked; then
+/// the clock synchronised by systemd-timesyncd (the shipped `clock.trust = "synced"`).
+fn configure_script(port: u16) -> String {
+    format!(
+        r#"set -e
+cd /etc/redline-agent
+install -m 0644 -o root -g root /root/files/ca.pem AmazonRootCA1.pem
+install -m 0644 -o root -g root /root/files/client.pem device.pem.crt
+install -m 0600 -o root -g root /root/files/client.key private.pem.key
+sed -i -e 's/^id = "GT3-RACER-01"/id = "{VEHICLE}"/' -e 's/^interface = "can0"/interface = "vcan0"/' \
+  -e 's/^endpoint = .*/endpoint = "10.0.2.2"/' -e 's/^port = 8883/port = {port}/' agent.toml
+for want in 'id = "{VEHICLE}"' 'interface = "vcan0"' 'endpoint = "10.0.2.2"' 'port = {port}' 'trust = "synced"'; do
+  grep -q "^$want" agent.toml || {{ echo "agent.toml has no line '$want' after editing"; exit 1; }}
+done
+redline-agent check-config --config /etc/redline-agent/agent.toml > /dev/null
+for i in $(seq 1 240); do [ -e /run/systemd/timesync/synchronized ] && break; sleep 0.5; done
+[ -e /run/systemd/timesync/synchronized ] || {{ echo "systemd-timesyncd did not synchronise from 10.0.2.2"; timedatectl timesync-status; exit 1; }}
+echo "guest_ms=$(( $(date +%s%N) / 1000000 ))""#
+    )
+}
+
+const START_SCRIPT: &str = r#"t0=$(date +%s%N); systemctl start redline-agent; rc=$?
+echo "start_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
+systemctl show -p ActiveState,SubState,StatusText,MainPID,NRestarts,Type redline-agent
+systemctl status --no-pager redline-agent | head -n 12
+exit $rc"#;
+
 #[test]
 #[ignore = "boots the target in QEMU (about 6 minutes): run by scripts/ci-ecu.sh, after scripts/ci-package.sh"]
 fn ecu_in_a_box() {
     let arch = std::env::var("ECU_VM_ARCH").unwrap_or_else(|_| "arm64".to_owned());
-    let deb = find_deb(&arch);
-    sntp_server();
-    let work = tempfile::Builder::new()
-        .prefix("ecu-vm-test.")
-        .tempdir()
-        .unwrap();
-    let dir = work.path().to_owned();
     let t_all = Instant::now();
     let t_begin = now_ms();
     let mut rep = Report {
@@ -598,34 +766,14 @@ fn ecu_in_a_box() {
         times: Vec::new(),
         figures: Vec::new(),
     };
-
-    // The files the integrator brings: the package, the CA, the device certificate and key.
-    let pki = pki(&dir);
-    let files = dir.join("files");
-    std::fs::create_dir(&files).unwrap();
-    let deb_name = deb.file_name().unwrap().to_str().unwrap().to_owned();
-    std::fs::copy(&deb, files.join(&deb_name)).unwrap();
-    std::fs::copy(&pki.ca, files.join("ca.pem")).unwrap();
-    std::fs::copy(&pki.client_cert, files.join("client.pem")).unwrap();
-    std::fs::copy(&pki.client_key, files.join("client.key")).unwrap();
-    let tar = dir.join("files.tar");
-    let st = Command::new("tar")
-        .arg("-cf")
-        .arg(&tar)
-        .arg("-C")
-        .arg(&files)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success(), "tar of the guest's files failed");
-
-    let broker_dir = dir.join("broker");
-    std::fs::create_dir(&broker_dir).unwrap();
-    let mut broker = Broker::start(&pki, &broker_dir, true);
-    let sub = Subscriber::start(&broker);
-
     let t = Instant::now();
-    let mut vm = Vm::new(&arch, &dir, tar);
+    let Bench {
+        work,
+        mut broker,
+        sub,
+        mut vm,
+        deb_name,
+    } = Bench::new(&arch);
     rep.time("image (cached or built) and a fresh disk", t);
 
     // 1. Boot and install ------------------------------------------------------------------
@@ -651,18 +799,7 @@ fn ecu_in_a_box() {
     }
 
     let t = Instant::now();
-    let inst = vm.run(
-        &format!(
-            r#"set -e
-mkdir -p /root/files && tar -xf /dev/disk/by-id/virtio-files -C /root/files
-cd /root/files
-DEBIAN_FRONTEND=noninteractive apt install -y ./{deb_name} 2>&1 | tail -n 15
-echo "enabled=$(systemctl is-enabled redline-agent)"
-echo "active=$(systemctl is-active redline-agent || true)"
-echo "groups=$(id -nG redline-agent)""#
-        ),
-        Duration::from_secs(300),
-    );
+    let inst = vm.run(&install_script(&deb_name), Duration::from_secs(300));
     rep.time("apt install ./redline-agent.deb", t);
     assert_eq!(inst.rc, 0, "apt install failed:\n{}", inst.text);
     rep.check(inst.prop("enabled") == "enabled", || {
@@ -679,22 +816,7 @@ echo "groups=$(id -nG redline-agent)""#
     // 2. The integrator's steps, READY ---------------------------------------------------------
     let t = Instant::now();
     let port = broker.tls_port;
-    let conf = vm.sh(&format!(
-        r#"set -e
-cd /etc/redline-agent
-install -m 0644 -o root -g root /root/files/ca.pem AmazonRootCA1.pem
-install -m 0644 -o root -g root /root/files/client.pem device.pem.crt
-install -m 0600 -o root -g root /root/files/client.key private.pem.key
-sed -i -e 's/^id = "GT3-RACER-01"/id = "{VEHICLE}"/' -e 's/^interface = "can0"/interface = "vcan0"/' \
-  -e 's/^endpoint = .*/endpoint = "10.0.2.2"/' -e 's/^port = 8883/port = {port}/' agent.toml
-for want in 'id = "{VEHICLE}"' 'interface = "vcan0"' 'endpoint = "10.0.2.2"' 'port = {port}' 'trust = "synced"'; do
-  grep -q "^$want" agent.toml || {{ echo "agent.toml has no line '$want' after editing"; exit 1; }}
-done
-redline-agent check-config --config /etc/redline-agent/agent.toml > /dev/null
-for i in $(seq 1 240); do [ -e /run/systemd/timesync/synchronized ] && break; sleep 0.5; done
-[ -e /run/systemd/timesync/synchronized ] || {{ echo "systemd-timesyncd did not synchronise from 10.0.2.2"; timedatectl timesync-status; exit 1; }}
-echo "guest_ms=$(( $(date +%s%N) / 1000000 ))""#
-    ));
+    let conf = vm.sh(&configure_script(port));
     assert_eq!(conf.rc, 0, "configuring the agent failed:\n{}", conf.text);
     let skew = conf.prop("guest_ms").parse::<i64>().unwrap_or(0) - now_ms();
     rep.figure(format!(
@@ -704,11 +826,7 @@ echo "guest_ms=$(( $(date +%s%N) / 1000000 ))""#
         format!("the guest clock is {skew} ms off the host's after synchronising")
     });
 
-    let start = vm.sh(r#"t0=$(date +%s%N); systemctl start redline-agent; rc=$?
-echo "start_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
-systemctl show -p ActiveState,SubState,StatusText,MainPID,NRestarts,Type redline-agent
-systemctl status --no-pager redline-agent | head -n 12
-exit $rc"#);
+    let start = vm.sh(START_SCRIPT);
     rep.time("configure and systemctl start (to READY)", t);
     rep.figure(format!(
         "systemctl start returned after READY in {} ms",
@@ -747,7 +865,7 @@ exit $rc"#);
         .range(sim_from..=sim_to)
         .map(|(_, r)| r)
         .collect();
-    let full = window.iter().filter(|r| r.all_values).count();
+    let full = window.iter().filter(|r| r.all_values()).count();
     rep.figure(format!(
         "readings: {} message(s), {} reading(s) so far; in the simulate window {} of {} carry all four values",
         seen.messages,
@@ -873,8 +991,7 @@ redline-agent status --config /etc/redline-agent/agent.toml > /run/status.out 2>
 
     // 6. Strict pass: every filtered system call kills and is audited ------------------------
     let t = Instant::now();
-    let strict = vm.sh(&format!(
-        r#"mkdir -p /run/systemd/system/redline-agent.service.d
+    let strict = vm.sh(r#"mkdir -p /run/systemd/system/redline-agent.service.d
 cat > /run/systemd/system/redline-agent.service.d/zz-strict-seccomp.conf <<'EOF'
 # ecu_vm: a filtered system call kills the agent (SIGSYS, audited as SECCOMP) instead of
 # failing with EPERM. adjtimex/clock_adjtime stay EPERM: ProtectClock=yes denies them on
@@ -885,9 +1002,7 @@ SystemCallFilter=~adjtimex:EPERM clock_adjtime:EPERM
 EOF
 systemctl daemon-reload && systemctl restart redline-agent
 echo "errno=$(systemctl show -p SystemCallErrorNumber --value redline-agent)"
-echo "pid=$({MAIN_PID})""#
-    ));
-    let strict_pid = strict.prop("pid");
+systemctl show -p NRestarts redline-agent"#);
     rep.check(strict.rc == 0 && strict.prop("errno") != "1", || {
         format!("could not apply the strict filter:\n{}", strict.text)
     });
@@ -907,8 +1022,66 @@ redline-agent simulate --can vcan0 --duration 20s > /run/simulate2.log 2>&1 &",
         up_at + 2_000,
         Duration::from_secs(90),
     );
+    // The serial source on the USB-serial adapter, still under the strict filter: the
+    // integrator switches agent.toml to the sensor board (by its /dev/serial/by-id name).
+    let feed = SerialFeed::start(&vm.serial);
+    let ser = vm.sh(
+        r##"set -e
+cd /etc/redline-agent && cp agent.toml /root/agent.toml.can
+# QEMU plugs the adapter in when the host end connects: wait for udev's by-id link.
+for i in $(seq 1 150); do ls /dev/serial/by-id/* > /dev/null 2>&1 && break; sleep 0.2; done
+dev=$(ls /dev/serial/by-id/* 2>/dev/null | head -n 1)
+[ -n "$dev" ] || { echo "no /dev/serial/by-id/ link for the USB-serial adapter"; ls -l /dev/ttyUSB* 2>&1; exit 1; }
+echo "tty=$(stat -L -c '%G %a' "$dev") $dev"
+awk -v dev="$dev" '/^kind = "can"/ && !done {
+    print "kind = \"serial\""; print "device = \"" dev "\""; print "baud = 115200"; print "format = \"nmea\""
+    print "columns = [\"brake_disc_temp_fl\", \"brake_disc_temp_fr\", \"engine_rpm\", \"engine_oil_temp\"]"
+    print "sentence = \"RDLTM\""; done = 1; next }
+  { print }' /root/agent.toml.can > agent.toml
+redline-agent check-config --config agent.toml > /dev/null
+systemctl restart redline-agent
+echo "pid=$(systemctl show -p MainPID --value redline-agent)""##,
+    );
+    rep.check(ser.rc == 0, || {
+        format!(
+            "switching the agent to the serial sensor failed:\n{}",
+            ser.text
+        )
+    });
+    let serial_from = now_ms() + 1_500;
+    std::thread::sleep(Duration::from_secs(8));
+    let serial_to = now_ms() - DURABLE_MS;
+    let missing_serial = wait_delivered(&sub, serial_from, serial_to, Duration::from_secs(60));
+    drop(feed);
+    let s = Seen::of(&sub);
+    let window: Vec<&Rec> = s
+        .by_ts
+        .range(serial_from..=serial_to)
+        .map(|(_, r)| r)
+        .collect();
+    let exact = window
+        .iter()
+        .filter(|r| r.values == SERIAL_VALUES.map(Some))
+        .count();
+    rep.figure(format!(
+        "serial (USB adapter {}): {exact} of {} readings carry the sensor board's values",
+        ser.prop("tty"),
+        window.len()
+    ));
+    rep.check(
+        missing_serial.is_empty() && exact * 10 >= window.len() * 8 && exact > 0,
+        || {
+            format!(
+                "readings from the serial sensor: {exact} of {} carry its values; {}\n{}",
+                window.len(),
+                describe_missing(&missing_serial),
+                ser.text
+            )
+        },
+    );
     let after = vm.sh(&format!(
-        r#"echo "pid=$({MAIN_PID})"; systemctl show -p NRestarts,ActiveState redline-agent
+        r#"cp /root/agent.toml.can /etc/redline-agent/agent.toml
+echo "pid=$({MAIN_PID})"; systemctl show -p NRestarts,ActiveState redline-agent
 journalctl -k -o cat --no-pager | grep 'type=1326' || true
 journalctl -u redline-agent -o cat --no-pager | grep -E 'status=31/SYS|Bad system call' || true
 rm /run/systemd/system/redline-agent.service.d/zz-strict-seccomp.conf
@@ -916,9 +1089,13 @@ systemctl daemon-reload && systemctl restart redline-agent && systemctl is-activ
     ));
     // Readings are continuous from here on until the next restart.
     let mut live_from = now_ms() + 500;
-    rep.time("strict seccomp pass (CAN, spool, status, TLS reconnect)", t);
+    rep.time(
+        "strict seccomp pass (CAN, spool, status, TLS reconnect, serial sensor on USB)",
+        t,
+    );
     rep.check(
-        after.prop("pid") == strict_pid
+        after.prop("pid") == ser.prop("pid")
+            && after.prop("NRestarts") == strict.prop("NRestarts")
             && !after.text.contains("type=1326")
             && !after.text.contains("31/SYS"),
         || {
@@ -1088,14 +1265,17 @@ systemctl daemon-reload && systemctl restart redline-agent && systemctl is-activ
 for i in $(seq 1 150); do [ "$(systemctl is-active redline-agent)" = active ] && break; sleep 0.2; done
 echo "active=$(systemctl is-active redline-agent)"; echo "pid=$({MAIN_PID})"
 echo "year=$(date +%Y)"; echo "synced=$([ -e /run/systemd/timesync/synchronized ] && echo yes || echo no)"
+echo "guest_ms=$(( $(date +%s%N) / 1000000 ))"
 journalctl -b -u redline-agent -o cat --no-pager | grep -i -E 'not trusted|starting' | head -n 3"#
         ),
         Duration::from_secs(180),
     );
     rep.time("boot 2 (after the power cut, wrong RTC)", t_boot);
+    let skew2 = b2.prop("guest_ms").parse::<i64>().unwrap_or(0) - now_ms();
     rep.figure(format!(
-        "boot 2: guest called back after {secs2:.1}s; clock year {}",
-        b2.prop("year")
+        "boot 2: guest called back after {secs2:.1}s; RTC set to 2001-01-01, the clock at boot \
+         {:.1} days off real time until NTP",
+        skew2 as f64 / 86_400_000.0
     ));
     rep.check(b2.prop("active") == "active", || {
         format!(
@@ -1365,4 +1545,78 @@ journalctl -k -o cat --no-pager | grep 'type=1326' || true"#,
         rep.problems.len(),
         rep.problems.join("\n- ")
     );
+}
+
+/// The README's "Try it on a virtual ECU" (`scripts/ecu-vm.sh demo`): boots the box,
+/// installs the package, starts the service, drives vcan0 with the simulated car for 30 s
+/// and prints each reading as it arrives at the broker on this machine.
+#[test]
+#[ignore = "an interactive demo: scripts/ecu-vm.sh demo"]
+fn try_it_on_a_virtual_ecu() {
+    let arch = std::env::var("ECU_VM_ARCH").unwrap_or_else(|_| "arm64".to_owned());
+    let secs: u64 = std::env::var("ECU_VM_DEMO_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let t = Instant::now();
+    let Bench {
+        work: _work,
+        broker,
+        sub,
+        mut vm,
+        deb_name,
+    } = Bench::new(&arch);
+    println!(
+        "== image ready ({:.0}s); booting Debian 12 {arch} with systemd in QEMU",
+        t.elapsed().as_secs_f64()
+    );
+    let (_, boot) = vm.boot(None);
+    let up = vm.run(
+        "systemctl is-system-running --wait; uname -srm",
+        Duration::from_secs(180),
+    );
+    println!(
+        "== booted in {boot:.0}s: {}",
+        up.text.trim().replace('\n', ", ")
+    );
+    println!("== apt install ./{deb_name}");
+    let inst = vm.run(&install_script(&deb_name), Duration::from_secs(300));
+    assert_eq!(inst.rc, 0, "apt install failed:\n{}", inst.text);
+    println!(
+        "== certificates into /etc/redline-agent, agent.toml: endpoint 10.0.2.2:{} (Mosquitto with mutual TLS on this machine), interface vcan0",
+        broker.tls_port
+    );
+    let conf = vm.sh(&configure_script(broker.tls_port));
+    assert_eq!(conf.rc, 0, "configuring the agent failed:\n{}", conf.text);
+    println!("== systemctl start redline-agent");
+    let start = vm.sh(START_SCRIPT);
+    assert_eq!(start.rc, 0, "systemctl start failed:\n{}", start.text);
+    for l in start.text.lines().skip_while(|l| !l.starts_with('●')) {
+        println!("   {l}");
+    }
+    println!(
+        "== redline-agent simulate --can vcan0 for {secs}s; the readings as they arrive at the broker:"
+    );
+    vm.sh(&format!(
+        "redline-agent simulate --can vcan0 --duration {secs}s > /run/simulate.log 2>&1 &"
+    ));
+    let end = Instant::now() + Duration::from_secs(secs + 3);
+    let mut shown = 0;
+    while Instant::now() < end {
+        let msgs = sub.telemetry();
+        for (_, payload) in &msgs[shown.min(msgs.len())..] {
+            let inner = payload
+                .strip_prefix("{\"records\":[")
+                .and_then(|p| p.strip_suffix("]}"))
+                .unwrap_or(payload);
+            for rec in inner.split("},{") {
+                let rec = rec.trim_start_matches('{').trim_end_matches('}');
+                println!("{{{rec}}}");
+            }
+        }
+        shown = msgs.len();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = vm.sh("systemctl status --no-pager redline-agent | sed -n 's/^ *Status: /Status: /p'; redline-agent status --config /etc/redline-agent/agent.toml 2>&1 | head -n 4");
+    println!("== {} message(s) received\n{}", shown, st.text.trim_end());
 }
