@@ -592,14 +592,45 @@ fn describe_missing(m: &[i64]) -> String {
 }
 
 /// Waits until every tick in [from, to] has arrived; the ticks still missing otherwise.
+/// Gives up early when only short runs of ticks (see `Gaps`) have been missing, unchanged,
+/// for 15 s: ticks that were never sampled do not come later.
 fn wait_delivered(sub: &Subscriber, from_ms: i64, to_ms: i64, timeout: Duration) -> Vec<i64> {
-    let deadline = Instant::now() + timeout;
+    let mut wait = Settle::new(timeout);
     loop {
         let missing = Seen::of(sub).missing(from_ms, to_ms);
-        if missing.is_empty() || Instant::now() >= deadline {
+        if wait.done(&missing) {
             return missing;
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// When to stop waiting for missing ticks: none missing, the deadline, or only short runs
+/// left and unchanged for 15 s.
+struct Settle {
+    deadline: Instant,
+    last: Vec<i64>,
+    since: Instant,
+}
+
+impl Settle {
+    fn new(timeout: Duration) -> Settle {
+        Settle {
+            deadline: Instant::now() + timeout,
+            last: Vec::new(),
+            since: Instant::now(),
+        }
+    }
+
+    fn done(&mut self, missing: &[i64]) -> bool {
+        if missing != self.last.as_slice() {
+            self.last = missing.to_vec();
+            self.since = Instant::now();
+        }
+        let short_only = !missing.is_empty() && Gaps::default().judge("", missing).is_empty();
+        missing.is_empty()
+            || Instant::now() >= self.deadline
+            || (short_only && self.since.elapsed() >= Duration::from_secs(15))
     }
 }
 
@@ -1435,11 +1466,12 @@ echo "synced=$([ -e /run/systemd/timesync/synchronized ] && echo yes || echo no)
         )
     });
     let deadline = Instant::now() + Duration::from_secs(90);
+    let mut wait = Settle::new(Duration::from_secs(90));
     let (first_new, missing) = loop {
         let s = Seen::of(&sub);
         let first = s.by_ts.range(cut_at..).next().map(|(ts, _)| *ts);
         let missing = first.map_or(vec![], |f| s.missing(f, ntp_at - 1_000));
-        if (first.is_some() && missing.is_empty()) || Instant::now() >= deadline {
+        if (first.is_some() && wait.done(&missing)) || Instant::now() >= deadline {
             break (first, missing);
         }
         std::thread::sleep(Duration::from_millis(500));
