@@ -4,8 +4,8 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
-use redline_agent::can::{GT3_BINDINGS, GT3_DBC};
-use redline_agent::dbc::{Dbc, Decoder};
+use redline_agent::source::can::{GT3_BINDINGS, GT3_DBC};
+use redline_agent::source::dbc::{Dbc, Decoder};
 use std::hint::black_box;
 
 /// (id, extended, 8 data bytes): a shuffled second of the bus.

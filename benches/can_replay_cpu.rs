@@ -3,8 +3,8 @@
 //! `cargo bench --bench can_replay_cpu` runs the hour; under `cargo test` a minute.
 
 use rand::{Rng, SeedableRng};
-use redline_agent::can::GT3_DBC;
-use redline_agent::dbc::Dbc;
+use redline_agent::source::can::GT3_DBC;
+use redline_agent::source::dbc::Dbc;
 use std::io::Write;
 use std::process::Command;
 

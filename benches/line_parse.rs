@@ -2,8 +2,8 @@
 //! in 64-byte reads as from a USB serial adapter.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use redline_agent::line_framer::LineFramer;
-use redline_agent::line_protocol::{LineFormat, LineParser};
+use redline_agent::source::line_framer::LineFramer;
+use redline_agent::source::line_protocol::{LineFormat, LineParser};
 use std::hint::black_box;
 
 const LINES: usize = 1000;

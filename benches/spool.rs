@@ -13,7 +13,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use redline_agent::batch::Batch;
+use redline_agent::sample::batch::Batch;
 use redline_agent::spool::{Options, SpoolLog};
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,10 +1,10 @@
 //! The command line: `run`, `simulate`, `check-config`.
 
 use crate::config::{Config, ConfigError};
-use crate::logging::LogFormat;
+use crate::ops::logging::LogFormat;
+use crate::ops::stats::Stats;
 use crate::pipeline::{self, Plan, Sink, Timing};
-use crate::source::{SimSettings, Speed};
-use crate::stats::Stats;
+use crate::source::sim_run::{SimSettings, Speed};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -159,7 +159,7 @@ impl SimulateArgs {
     fn settings(&self, cfg: &Config) -> SimSettings {
         SimSettings {
             seed: self.seed.unwrap_or(cfg.source.seed),
-            start: self.start.unwrap_or_else(crate::clock::wall_now_us),
+            start: self.start.unwrap_or_else(crate::ops::clock::wall_now_us),
             faults: self.faults || cfg.source.faults,
             duration: self.duration,
             speed: self.speed,
@@ -216,7 +216,7 @@ fn parse_start(s: &str) -> Result<i64, String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init(cli.log_format);
+    crate::ops::logging::init(cli.log_format);
     match cli.command {
         Command::CheckConfig { config, no_files } => match Config::load(&config).and_then(|c| {
             if no_files {
@@ -254,7 +254,7 @@ pub fn main() -> ExitCode {
             } else {
                 Sink::Mqtt
             };
-            let replay = crate::replay::Replay {
+            let replay = crate::source::replay::Replay {
                 file,
                 speed,
                 interface: match interface.as_deref() {
@@ -281,7 +281,7 @@ pub fn main() -> ExitCode {
             };
             let sim = SimSettings {
                 seed: cfg.source.seed,
-                start: crate::clock::wall_now_us(),
+                start: crate::ops::clock::wall_now_us(),
                 faults: cfg.source.faults,
                 duration: None,
                 speed: Speed::Factor(1.0),
@@ -321,21 +321,20 @@ fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
         None => cfg.source.format.unwrap_or(LineFormatKind::Nmea),
     });
     cfg.source.device = Some(path.to_path_buf());
-    let parser = match cfg
-        .line_format()
-        .map_err(|(_, m)| m)
-        .and_then(|f| crate::line_protocol::LineParser::new(f).map_err(|e| e.to_string()))
-    {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("redline-agent: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let parser =
+        match cfg.line_format().map_err(|(_, m)| m).and_then(|f| {
+            crate::source::line_protocol::LineParser::new(f).map_err(|e| e.to_string())
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("redline-agent: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
     let sim = args.settings(&cfg);
     let rate = args.line_rate.max(1);
     let Some(result) =
-        until_signal(|stop| crate::source::emit_lines(&cfg, parser, sim, rate, stop))
+        until_signal(|stop| crate::source::sim_run::emit_lines(&cfg, parser, sim, rate, stop))
     else {
         return ExitCode::FAILURE;
     };
@@ -354,7 +353,9 @@ fn emit_serial(mut cfg: Config, path: &Path, args: &SimulateArgs) -> ExitCode {
 /// `simulate --can`: the simulated car's frames on a real CAN interface.
 fn emit_can(cfg: Config, iface: &str, args: &SimulateArgs) -> ExitCode {
     let sim = args.settings(&cfg);
-    let Some(result) = until_signal(|stop| crate::source::emit_can(&cfg, iface, sim, stop)) else {
+    let Some(result) =
+        until_signal(|stop| crate::source::sim_run::emit_can(&cfg, iface, sim, stop))
+    else {
         return ExitCode::FAILURE;
     };
     match result {
@@ -405,7 +406,7 @@ fn execute_with(
     sink: Sink,
     sim: SimSettings,
     finite: bool,
-    replay: Option<crate::replay::Replay>,
+    replay: Option<crate::source::replay::Replay>,
 ) -> ExitCode {
     if sink == Sink::Mqtt
         && let Err(e) = crate::preflight::files(&config, &path.display().to_string())
@@ -610,8 +611,8 @@ fn status_command(config: &Path, file: Option<PathBuf>, json: bool) -> ExitCode 
     let age = value
         .get("at_ms")
         .and_then(serde_json::Value::as_i64)
-        .map(|at| ((crate::clock::wall_now_us() / 1000 - at).max(0) / 1000) as u64);
-    print!("{}", crate::health::render(&value, age));
+        .map(|at| ((crate::ops::clock::wall_now_us() / 1000 - at).max(0) / 1000) as u64);
+    print!("{}", crate::ops::health::render(&value, age));
     if value.get("state").and_then(serde_json::Value::as_str) == Some("stopped") {
         println!("the agent has stopped");
     } else if age.is_some_and(|a| a > 60) {

@@ -1,34 +1,18 @@
 //! redline-agent: race-car telemetry from the ECU to AWS IoT Core.
 //!
-//! Data flows one way: `source` → `sampler` → `batch` → `spool` → `uplink`;
-//! acknowledgements flow back once, from the uplink's scheduler to the spool.
+//! Data flows one way: `source` → `sample` (signal table, sampler, batcher) → `spool` →
+//! `uplink`; acknowledgements flow back once, from the uplink's scheduler to the spool.
+//! `ops` holds what every stage uses (counters, status, watchdog, logs, clock); `config`
+//! parses and validates the TOML; `pipeline` wires the stages; `cli` is the command line.
+//! ARCHITECTURE.md walks through it.
 
-pub mod batch;
-pub mod can;
-pub mod candump;
 pub mod cli;
-pub mod clock;
 pub mod config;
-pub mod dbc;
-pub mod health;
-pub mod line_framer;
-pub mod line_protocol;
-pub mod logging;
-pub mod notify;
+pub mod ops;
 pub mod pipeline;
 pub mod preflight;
-pub mod record;
-pub mod reopen;
-pub mod replay;
-pub mod sampler;
-pub mod serial;
-pub mod signal;
-pub mod simulator;
+pub mod sample;
 pub mod source;
 pub mod spool;
-pub mod stats;
-pub mod tls;
 pub mod units;
 pub mod uplink;
-
-pub use uplink::{link_error, publisher};

@@ -1,18 +1,18 @@
 //! The house wired together: source → sampler → batcher → publisher (or stdout), one task per
 //! stage, bounded channels between them. Stopping the source drains every stage behind it.
 
-use crate::batch::{self, Batch, Batcher, Limits};
-use crate::clock::{ClockSource, LiveClock, TimeBase};
 use crate::config::Config;
 use crate::config::{SourceKind, SyncInterval};
-use crate::line_protocol::LineParser;
-use crate::publisher::{self, Inputs, PublisherSettings};
-use crate::record::{Reading, RecordEncoder};
-use crate::sampler::{DataClock, Sampler};
-use crate::signal::{Micros, SourceEvent};
-use crate::source::{self, SimSettings};
+use crate::ops::clock::{ClockSource, LiveClock, TimeBase};
+use crate::ops::stats::Stats;
+use crate::sample::batch::{self, Batch, Batcher, Limits};
+use crate::sample::record::{Reading, RecordEncoder};
+use crate::sample::sampler::{DataClock, Sampler};
+use crate::sample::signal::{Micros, SourceEvent};
+use crate::source::line_protocol::LineParser;
+use crate::source::sim_run::{self, SimSettings};
 use crate::spool::{self, Cmd, SpoolStats};
-use crate::stats::Stats;
+use crate::uplink::publisher::{self, Inputs, PublisherSettings};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +43,7 @@ pub struct Plan {
     /// Where the spool lives (publishing only).
     pub spool: spool::Options,
     /// A candump log to replay instead of the configured source.
-    pub replay: Option<crate::replay::Replay>,
+    pub replay: Option<crate::source::replay::Replay>,
     /// Where the local status snapshot goes (none: not written).
     pub status_file: Option<std::path::PathBuf>,
 }
@@ -140,11 +140,16 @@ pub async fn run(
 }
 
 /// Who the status messages say is running.
-fn meta_of(config: &Config, session_id: &str, timing: Timing, replay: bool) -> crate::health::Meta {
-    crate::health::Meta {
+fn meta_of(
+    config: &Config,
+    session_id: &str,
+    timing: Timing,
+    replay: bool,
+) -> crate::ops::health::Meta {
+    crate::ops::health::Meta {
         vehicle_id: config.vehicle.id.clone(),
         session_id: session_id.to_owned(),
-        started_ms: crate::clock::wall_now_us() / 1000,
+        started_ms: crate::ops::clock::wall_now_us() / 1000,
         source: if replay {
             "replay".to_string()
         } else if timing == Timing::Data {
@@ -188,7 +193,7 @@ impl Wiring<'_> {
     fn start_publishing(
         &self,
         spool_opts: &spool::Options,
-        meta: &crate::health::Meta,
+        meta: &crate::ops::health::Meta,
         upstream_done: &CancellationToken,
     ) -> Result<(BatchOut, Delivery), StartError> {
         let config = self.config;
@@ -236,18 +241,18 @@ impl Wiring<'_> {
         out: &BatchOut,
     ) -> (LiveClock, Option<tokio::sync::watch::Receiver<TimeBase>>) {
         let config = self.config;
-        let boot_id = crate::clock::boot_id();
+        let boot_id = crate::ops::clock::boot_id();
         let clock_source = clock_source(config);
         let grid_step = grid_step(config.sampling.rate_hz);
         let (clock, tb) = match (timing, clock_source.check()) {
             (Timing::Data, _) => return (LiveClock::start(0), None),
-            (Timing::Live, crate::clock::Verdict::Trusted) => {
-                let offset = crate::clock::wall_now_us() - crate::clock::boot_now_us();
+            (Timing::Live, crate::ops::clock::Verdict::Trusted) => {
+                let offset = crate::ops::clock::wall_now_us() - crate::ops::clock::boot_now_us();
                 if let BatchOut::Spool(tx, ..) = out {
                     // Readings an earlier run of this boot stamped on the boot clock can go.
                     let _ = tx.send(Cmd::BootOffset {
                         boot_id,
-                        offset: crate::clock::round_to(offset, grid_step),
+                        offset: crate::ops::clock::round_to(offset, grid_step),
                     });
                 }
                 let tb = TimeBase {
@@ -257,7 +262,7 @@ impl Wiring<'_> {
                 };
                 (LiveClock::start(offset), tb)
             }
-            (Timing::Live, crate::clock::Verdict::Untrusted(why)) => {
+            (Timing::Live, crate::ops::clock::Verdict::Untrusted(why)) => {
                 tracing::warn!(
                     "wall clock not trusted ({why}): readings are stamped on the boot clock and kept in the spool until it is"
                 );
@@ -290,7 +295,7 @@ impl Wiring<'_> {
     fn start_source(
         &self,
         timing: Timing,
-        replay: Option<crate::replay::Replay>,
+        replay: Option<crate::source::replay::Replay>,
         sim: SimSettings,
         clock: LiveClock,
         src_tx: mpsc::Sender<SourceEvent>,
@@ -301,14 +306,14 @@ impl Wiring<'_> {
         let start_error = |(key, message)| StartError { key, message };
         if let Some(replay) = replay {
             let decoding = match config.source.kind {
-                SourceKind::Can => crate::can::Decoding::from_config(&config),
-                _ => crate::can::Decoding::for_simulator(&config),
+                SourceKind::Can => crate::source::can::Decoding::from_config(&config),
+                _ => crate::source::can::Decoding::for_simulator(&config),
             }
             .map_err(start_error)?;
             return Ok(tokio::spawn(async move {
                 let file = replay.file.display().to_string();
                 if let Err(e) =
-                    crate::replay::run(replay, decoding, stats.clone(), src_tx, stop).await
+                    crate::source::replay::run(replay, decoding, stats.clone(), src_tx, stop).await
                 {
                     tracing::error!("replay of {file}: {e}");
                     Stats::add(&stats.source_unusable, 1);
@@ -323,18 +328,20 @@ impl Wiring<'_> {
                     message: e.to_string(),
                 })?;
                 tokio::spawn(async move {
-                    crate::serial::run(&config, parser, clock, src_tx, stats, stop).await
+                    crate::source::serial::run(&config, parser, clock, src_tx, stats, stop).await
                 })
             }
             (SourceKind::Can, Timing::Live) => {
-                let decoding = crate::can::Decoding::from_config(&config).map_err(start_error)?;
+                let decoding =
+                    crate::source::can::Decoding::from_config(&config).map_err(start_error)?;
                 tokio::spawn(async move {
-                    crate::can::run(&config, decoding, clock, src_tx, stats, stop).await
+                    crate::source::can::run(&config, decoding, clock, src_tx, stats, stop).await
                 })
             }
             _ => {
-                let decoding = crate::can::Decoding::for_simulator(&config).map_err(start_error)?;
-                let encoder = crate::can::FrameEncoder::new(&config, &decoding);
+                let decoding =
+                    crate::source::can::Decoding::for_simulator(&config).map_err(start_error)?;
+                let encoder = crate::source::can::FrameEncoder::new(&config, &decoding);
                 // Live, the simulated car runs on the sampling clock like any other source.
                 let sim = match timing {
                     Timing::Live => SimSettings {
@@ -344,7 +351,7 @@ impl Wiring<'_> {
                     Timing::Data => sim,
                 };
                 tokio::spawn(async move {
-                    source::simulator(&config, sim, Some((encoder, decoding)), stats, src_tx, stop)
+                    sim_run::simulator(&config, sim, Some((encoder, decoding)), stats, src_tx, stop)
                         .await
                 })
             }
@@ -380,7 +387,7 @@ impl Wiring<'_> {
     fn start_health(
         &self,
         status_file: Option<std::path::PathBuf>,
-        meta: &crate::health::Meta,
+        meta: &crate::ops::health::Meta,
         publishing: bool,
     ) -> Health {
         let (stats, stop) = (self.stats, self.stop);
@@ -397,19 +404,19 @@ impl Wiring<'_> {
                     stop.clone(),
                 ))
             });
-        let supervisor = tokio::spawn(crate::notify::supervise(
+        let supervisor = tokio::spawn(crate::ops::notify::supervise(
             stats.clone(),
             spool.clone(),
             publishing,
             stop.clone(),
         ));
         // A spool that cannot be written does not hold READY back; the STATUS says so at once.
-        crate::notify::ready(&crate::notify::status_line(stats, spool.as_deref()));
+        crate::ops::notify::ready(&crate::ops::notify::status_line(stats, spool.as_deref()));
         {
             let stop = stop.clone();
             tokio::spawn(async move {
                 stop.cancelled().await;
-                crate::notify::stopping();
+                crate::ops::notify::stopping();
             });
         }
         let ticker = {
@@ -436,7 +443,7 @@ impl Wiring<'_> {
 
 fn publisher_settings(
     config: &Config,
-    meta: &crate::health::Meta,
+    meta: &crate::ops::health::Meta,
 ) -> Result<PublisherSettings, StartError> {
     let m = config.mqtt.as_ref().ok_or_else(|| StartError {
         key: "mqtt".into(),
@@ -453,7 +460,7 @@ fn publisher_settings(
         endpoint: format!("{}:{}", m.endpoint, m.port),
         status: config
             .status_topic()
-            .map(|topic| crate::publisher::StatusSettings {
+            .map(|topic| crate::uplink::publisher::StatusSettings {
                 topic,
                 interval: config.status.interval.0,
                 meta: meta.clone(),
@@ -530,7 +537,7 @@ fn clock_source(config: &Config) -> ClockSource {
         return ClockSource::File(path.into());
     }
     ClockSource::System {
-        floor_us: crate::clock::build_floor_us(),
+        floor_us: crate::ops::clock::build_floor_us(),
         require_sync: config.clock.trust == crate::config::Trust::Synced,
     }
 }
@@ -563,13 +570,13 @@ async fn watch_clock(
             _ = stop.cancelled() => return,
         }
         let mut tb = *tx.borrow();
-        let wall_minus_sampling = crate::clock::wall_now_us() - clock.now();
+        let wall_minus_sampling = crate::ops::clock::wall_now_us() - clock.now();
         if !tb.trusted {
-            if source.check() != crate::clock::Verdict::Trusted {
+            if source.check() != crate::ops::clock::Verdict::Trusted {
                 continue;
             }
             tb.trusted = true;
-            tb.correction = crate::clock::round_to(wall_minus_sampling, grid_step);
+            tb.correction = crate::ops::clock::round_to(wall_minus_sampling, grid_step);
             tracing::info!(
                 "wall clock trusted now: readings stamped on the boot clock are converted with an offset of {:.3} s",
                 tb.correction as f64 / 1e6
@@ -579,7 +586,7 @@ async fn watch_clock(
             if step.abs() <= grid_step / 2 {
                 continue;
             }
-            let adjust = crate::clock::round_to(step, grid_step);
+            let adjust = crate::ops::clock::round_to(step, grid_step);
             tracing::warn!(
                 "wall clock stepped by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
                 step as f64 / 1e6,
@@ -588,8 +595,8 @@ async fn watch_clock(
             tb.correction += adjust;
         }
         if let Some(spool) = &spool {
-            let boot_offset = crate::clock::round_to(
-                crate::clock::wall_now_us() - crate::clock::boot_now_us(),
+            let boot_offset = crate::ops::clock::round_to(
+                crate::ops::clock::wall_now_us() - crate::ops::clock::boot_now_us(),
                 grid_step,
             );
             let _ = spool.send(Cmd::BootOffset {
@@ -607,7 +614,7 @@ async fn watch_clock(
 async fn write_status_file(
     path: std::path::PathBuf,
     every: Duration,
-    meta: crate::health::Meta,
+    meta: crate::ops::health::Meta,
     stats: Arc<Stats>,
     spool: Option<Arc<SpoolStats>>,
     stop: CancellationToken,
@@ -619,11 +626,11 @@ async fn write_status_file(
             _ = tick.tick() => false,
             _ = stop.cancelled() => true,
         };
-        let mut snap = crate::health::snapshot(&meta, &stats, spool.as_deref());
+        let mut snap = crate::ops::health::snapshot(&meta, &stats, spool.as_deref());
         if stopping {
             snap["state"] = "stopped".into();
         }
-        match crate::health::write_file(&path, &snap) {
+        match crate::ops::health::write_file(&path, &snap) {
             Ok(()) => failing = false,
             Err(e) if !failing => {
                 failing = true;

@@ -24,7 +24,7 @@ pub fn files(config: &Config, file: &str) -> Result<(), ConfigError> {
             return Err(err(key, format!("cannot read {}: {e}", path.display())));
         }
     }
-    crate::tls::client_config(m)
+    crate::uplink::tls::client_config(m)
         .map(|_| ())
         .map_err(|(key, msg)| err(&key, msg))
 }
@@ -36,7 +36,7 @@ pub fn dbc(config: &Config, file: &str) -> Result<(), ConfigError> {
     if config.source.kind != SourceKind::Can {
         return Ok(());
     }
-    crate::can::Decoding::from_config(config)
+    crate::source::can::Decoding::from_config(config)
         .map(|_| ())
         .map_err(|(key, message)| ConfigError {
             file: file.to_string(),

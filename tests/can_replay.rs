@@ -4,8 +4,8 @@
 
 mod support;
 
-use redline_agent::can::GT3_DBC;
-use redline_agent::dbc::Dbc;
+use redline_agent::source::can::GT3_DBC;
+use redline_agent::source::dbc::Dbc;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;

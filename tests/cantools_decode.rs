@@ -11,8 +11,8 @@ use std::process::Command;
 
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
-use redline_agent::candump::parse_line;
-use redline_agent::dbc::{Dbc, DecodeError, Decoder, MessageDef, MuxRole, Raw, ValueType};
+use redline_agent::source::candump::parse_line;
+use redline_agent::source::dbc::{Dbc, DecodeError, Decoder, MessageDef, MuxRole, Raw, ValueType};
 use serde_json::Value;
 
 const CASES: &str = "tests/data/cases.dbc";

@@ -10,8 +10,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use redline_agent::can::GT3_DBC;
-use redline_agent::dbc::Dbc;
+use redline_agent::source::can::GT3_DBC;
+use redline_agent::source::dbc::Dbc;
 
 const QUICK: Duration = Duration::from_secs(30);
 

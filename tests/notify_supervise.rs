@@ -5,8 +5,8 @@
 //! against a real notify socket: it must stop feeding the watchdog, say why, and feed it
 //! again once the loop turns. Its own test binary: it sets NOTIFY_SOCKET in this process.
 
-use redline_agent::notify;
-use redline_agent::stats::Stats;
+use redline_agent::ops::notify;
+use redline_agent::ops::stats::Stats;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use redline_agent::candump::parse_line;
-use redline_agent::dbc::{
+use redline_agent::source::candump::parse_line;
+use redline_agent::source::dbc::{
     ByteOrder, Dbc, Decoder, Effect, LookupError, MessageDef, MuxRole, Raw, SignalDef, ValueType,
 };
 use serde_json::Value;

@@ -13,7 +13,7 @@
 //! payload: first_at i64 LE | last_at i64 LE | n u32 LE | …
 //! ```
 
-use redline_agent::batch::Batch;
+use redline_agent::sample::batch::Batch;
 use redline_agent::spool::{Options, SpoolLog};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

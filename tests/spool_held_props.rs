@@ -5,7 +5,7 @@
 //! and comes out, converted, once released; nothing is lost.
 
 use proptest::prelude::*;
-use redline_agent::batch::Batch;
+use redline_agent::sample::batch::Batch;
 use redline_agent::spool::{Options, SpoolLog};
 use std::collections::BTreeSet;
 use std::path::Path;

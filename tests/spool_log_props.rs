@@ -4,7 +4,7 @@
 //! (resynchronisation on the next valid frame).
 
 use proptest::prelude::*;
-use redline_agent::batch::Batch;
+use redline_agent::sample::batch::Batch;
 use redline_agent::spool::frame::{self, HEADER, Version};
 use redline_agent::spool::{Options, SpoolLog};
 use std::collections::{BTreeMap, BTreeSet};

@@ -3,8 +3,8 @@
 //! from memory), never a configuration error; read errors and damaged frames are published
 //! in `SpoolStats`. Issue 12, glue of items 3 and 4.
 
-use redline_agent::batch::Batch;
 use redline_agent::config::{Order, PayloadMode};
+use redline_agent::sample::batch::Batch;
 use redline_agent::spool::service::{self, Cmd, Settings, SpoolStats};
 use redline_agent::spool::{Options, SpoolLog};
 use std::path::{Path, PathBuf};

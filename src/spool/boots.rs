@@ -44,7 +44,7 @@ impl Boots {
         }
         let mut text = String::new();
         for (id, off) in &self.offsets {
-            text.push_str(&crate::clock::boot_id_hex(id));
+            text.push_str(&crate::ops::clock::boot_id_hex(id));
             text.push(' ');
             text.push_str(&off.to_string());
             text.push('\n');

@@ -21,7 +21,7 @@
 //! after damage (resynchronise): a damaged byte costs the frame that holds it, not the rest
 //! of the segment. The marker's first byte, 0xFF, never occurs in UTF-8 (the JSON body).
 
-use crate::batch::Batch;
+use crate::sample::batch::Batch;
 
 /// Segment formats, by their magic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@
 
 use super::acks::sync_dir;
 use super::frame;
-use crate::batch::Batch;
+use crate::sample::batch::Batch;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ pub struct HeldStore {
 fn name(order: u64, n: u64, boot: &[u8; 16]) -> String {
     format!(
         "{order:020}-{n:010}-{}.seg",
-        crate::clock::boot_id_hex(boot)
+        crate::ops::clock::boot_id_hex(boot)
     )
 }
 

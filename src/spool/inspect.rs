@@ -139,7 +139,7 @@ pub fn export(dir: &Path, out: &mut impl Write) -> io::Result<Report> {
                     b.shift_timestamps(offset);
                     None
                 }
-                None => Some(crate::clock::boot_id_hex(&id)),
+                None => Some(crate::ops::clock::boot_id_hex(&id)),
             },
             None => None,
         };

@@ -22,7 +22,7 @@ use super::frame::{self, HEADER, SEG_HEAD, Version};
 use super::held::{HeldSeg, HeldStore};
 use super::segment::{Item, Magic, Read, SegmentReader};
 use super::seqset::SeqSet;
-use crate::batch::Batch;
+use crate::sample::batch::Batch;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -462,7 +462,7 @@ impl SpoolLog {
     /// returns the words for the log line. A failed copy does not stop the repair.
     fn keep_copy(&self, path: &Path, at: u64) -> String {
         let corrupt = self.opts.dir.join("corrupt");
-        let stamp = crate::clock::wall_now_us() / 1_000_000;
+        let stamp = crate::ops::clock::wall_now_us() / 1_000_000;
         let stem = path
             .file_stem()
             .map_or_else(String::new, |s| s.to_string_lossy().into_owned());

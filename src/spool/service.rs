@@ -23,9 +23,9 @@
 
 use super::boots::Boots;
 use super::log::{Dropped, Losses, Options, SpoolLog};
-use crate::batch::{Batch, RECORDS_ENVELOPE};
 use crate::config::{Order, PayloadMode};
-use crate::stats::Stats;
+use crate::ops::stats::Stats;
+use crate::sample::batch::{Batch, RECORDS_ENVELOPE};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -172,7 +172,7 @@ impl SpoolStats {
             Some(e) => {
                 text.clear();
                 text.push_str(e);
-                let now = (crate::clock::wall_now_us() / 1000).max(1) as u64;
+                let now = (crate::ops::clock::wall_now_us() / 1000).max(1) as u64;
                 self.fault_since_ms.store(now, Relaxed);
             }
             None => {
@@ -630,7 +630,7 @@ impl Service {
                 if r.batches > 0 {
                     tracing::info!(
                         "clock of boot {} known: {} held batch(es), {} reading(s) converted to UTC and queued in {:.3} s",
-                        crate::clock::boot_id_hex(&r.boot),
+                        crate::ops::clock::boot_id_hex(&r.boot),
                         r.batches,
                         r.readings,
                         r.since.elapsed().as_secs_f64()
@@ -641,7 +641,7 @@ impl Service {
                 self.release_retry = Instant::now() + RETRY_EVERY;
                 tracing::error!(
                     "spool: cannot release the held batches of boot {} now ({e}): they stay held, tried again in {}s",
-                    crate::clock::boot_id_hex(&r.boot),
+                    crate::ops::clock::boot_id_hex(&r.boot),
                     RETRY_EVERY.as_secs()
                 );
             }

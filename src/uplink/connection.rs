@@ -50,7 +50,7 @@ pub fn connect_options(
             "the [mqtt] table is required to publish (or use --stdout)".to_string(),
         )
     })?;
-    let tls = crate::tls::client_config(m)?;
+    let tls = crate::uplink::tls::client_config(m)?;
     let mut opts = MqttOptions::new(config.client_id(), m.endpoint.clone(), m.port);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         Arc::new(tls),

@@ -12,3 +12,4 @@ pub mod netwatch;
 pub mod publisher;
 pub mod rate_limit;
 pub mod scheduler;
+pub mod tls;

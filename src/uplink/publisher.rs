@@ -10,10 +10,10 @@ use super::connection::{self, Backoff, LinkEvent};
 use super::link_error::{Class, LinkError};
 use super::rate_limit::RateLimits;
 use super::scheduler::{ControlMsg, Figures, Overdue, Scheduler};
-use crate::batch::Control;
 use crate::config::Config;
+use crate::ops::stats::Stats;
+use crate::sample::batch::Control;
 use crate::spool::{Cmd, Parcel};
-use crate::stats::Stats;
 use rumqttc::{AsyncClient, QoS};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -36,7 +36,7 @@ pub struct PublisherSettings {
 pub struct StatusSettings {
     pub topic: String,
     pub interval: Duration,
-    pub meta: crate::health::Meta,
+    pub meta: crate::ops::health::Meta,
 }
 
 /// Where the publisher gets its work and sends acknowledgements.
@@ -81,13 +81,13 @@ impl StatusTopics {
 
     fn online(&self) -> ControlMsg {
         ControlMsg {
-            payload: crate::health::online(&self.settings.meta).into(),
+            payload: crate::ops::health::online(&self.settings.meta).into(),
             to: self.retained.clone(),
         }
     }
 
     fn snapshot(&self, stats: &Stats, spool: &crate::spool::SpoolStats) -> ControlMsg {
-        let snap = crate::health::snapshot(&self.settings.meta, stats, Some(spool));
+        let snap = crate::ops::health::snapshot(&self.settings.meta, stats, Some(spool));
         ControlMsg {
             payload: snap.to_string().into_bytes().into(),
             to: self.periodic.clone(),
@@ -114,7 +114,7 @@ pub async fn run(
     let will = status.as_ref().map(|st| {
         (
             st.settings.topic.as_str(),
-            crate::health::offline(&st.settings.meta, "connection lost"),
+            crate::ops::health::offline(&st.settings.meta, "connection lost"),
         )
     });
     let (client, eventloop) = connect_options(config, will)?;
@@ -345,9 +345,10 @@ impl Publisher {
 
     fn on_puback(&mut self, pkid: u16) {
         Stats::add(&self.stats.pubacks, 1);
-        self.stats
-            .last_ack_ms
-            .store((crate::clock::wall_now_us() / 1000).max(0) as u64, Relaxed);
+        self.stats.last_ack_ms.store(
+            (crate::ops::clock::wall_now_us() / 1000).max(0) as u64,
+            Relaxed,
+        );
         self.last_progress = Instant::now();
         let mut completed = Vec::new();
         if self
@@ -431,7 +432,7 @@ impl Publisher {
             return;
         }
         if let Some(st) = &self.status {
-            let bye = crate::health::offline(&st.settings.meta, "stopped");
+            let bye = crate::ops::health::offline(&st.settings.meta, "stopped");
             let _ = self
                 .client
                 .try_publish(st.settings.topic.clone(), QoS::AtLeastOnce, true, bye);

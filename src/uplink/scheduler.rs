@@ -8,8 +8,8 @@
 //! is cut back into batches and coalesced again for the next connection.
 
 use super::link_model::{Flight, LinkModel};
-use crate::batch::{Batch, Control};
 use crate::config::{MAX_RECORDS_PER_MESSAGE, PayloadMode};
+use crate::sample::batch::{Batch, Control};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -4,9 +4,9 @@
 //! 10 Hz readings land on whole 100 ms and hours of ticks accumulate no drift.
 
 use crate::config::{Config, FieldType};
-use crate::record::Reading;
-use crate::signal::{Micros, SignalTable, SignalUpdate};
-use crate::stats::{NullReason, Stats};
+use crate::ops::stats::{NullReason, Stats};
+use crate::sample::record::Reading;
+use crate::sample::signal::{Micros, SignalTable, SignalUpdate};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy)]

@@ -2,8 +2,8 @@
 //! written to `[status] file`, the online and offline (last will) messages, and the
 //! readable form `redline-agent status` prints.
 
+use crate::ops::stats::{NullReason, Stats};
 use crate::spool::SpoolStats;
-use crate::stats::{NullReason, Stats};
 use serde_json::{Map, Value, json};
 use std::path::Path;
 
@@ -40,7 +40,10 @@ fn head(meta: &Meta, state: &str) -> Map<String, Value> {
 /// The retained message published at every connect.
 pub fn online(meta: &Meta) -> Vec<u8> {
     let mut m = head(meta, "online");
-    m.insert("at".into(), rfc3339(crate::clock::wall_now_us() / 1000));
+    m.insert(
+        "at".into(),
+        rfc3339(crate::ops::clock::wall_now_us() / 1000),
+    );
     Value::Object(m).to_string().into_bytes()
 }
 
@@ -54,7 +57,7 @@ pub fn offline(meta: &Meta, reason: &str) -> Vec<u8> {
 /// Every counter, as the periodic status message and the status file carry them.
 pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value {
     let g = Stats::get;
-    let now_ms = crate::clock::wall_now_us() / 1000;
+    let now_ms = crate::ops::clock::wall_now_us() / 1000;
     let mut m = head(meta, "running");
     m.insert("at".into(), rfc3339(now_ms));
     m.insert("at_ms".into(), now_ms.into());

@@ -7,7 +7,7 @@
 //! zero: readings are stamped on the boot clock, kept in the spool, and converted to UTC
 //! once the clock is trusted (see `TimeBase`).
 
-use crate::signal::Micros;
+use crate::sample::signal::Micros;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 

@@ -6,13 +6,13 @@
 //! bus-off, or the interface disappearing and coming back: the source reopens it with
 //! backoff, the fields go stale meanwhile, and the process never exits for it.
 
-use crate::clock::LiveClock;
 use crate::config::{Config, Convert, SignalBinding, SourceKind, split_signal};
-use crate::dbc::{Dbc, Decoder, SignalRef};
-use crate::reopen::Reopen;
-use crate::signal::{Micros, SignalUpdate, SourceEvent};
-use crate::simulator::Sensor;
-use crate::stats::Stats;
+use crate::ops::clock::LiveClock;
+use crate::ops::stats::Stats;
+use crate::sample::signal::{Micros, SignalUpdate, SourceEvent};
+use crate::source::dbc::{Dbc, Decoder, SignalRef};
+use crate::source::reopen::Reopen;
+use crate::source::simulator::Sensor;
 use socketcan::{CanAnyFrame, CanFilter, EmbeddedFrame, Frame, SocketOptions};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The bus of the simulated car (shipped as `config/redline-gt3.dbc`).
-pub const GT3_DBC: &str = include_str!("../config/redline-gt3.dbc");
+pub const GT3_DBC: &str = include_str!("../../config/redline-gt3.dbc");
 
 /// Where the simulated car's sensors sit on the GT3 bus.
 pub const GT3_BINDINGS: [(&str, &str); 4] = [
@@ -257,7 +257,7 @@ impl FrameEncoder {
     /// signals changed, as each ECU sends its message once per cycle.
     pub fn step_frames(
         &mut self,
-        updates: &[crate::simulator::SimUpdate],
+        updates: &[crate::source::simulator::SimUpdate],
         out: &mut Vec<(Micros, RawFrame)>,
     ) {
         let mut touched: Vec<(String, Micros)> = Vec::new();

@@ -4,13 +4,13 @@
 //! reopens it with backoff for ever, logs one line per outage, and the fields go stale
 //! meanwhile. A line is stamped when its end arrives.
 
-use crate::clock::LiveClock;
 use crate::config::{Config, Parity};
-use crate::line_framer::LineFramer;
-use crate::line_protocol::{LineError, LineParser};
-use crate::reopen::Reopen;
-use crate::signal::{SignalUpdate, SourceEvent};
-use crate::stats::Stats;
+use crate::ops::clock::LiveClock;
+use crate::ops::stats::Stats;
+use crate::sample::signal::{SignalUpdate, SourceEvent};
+use crate::source::line_framer::LineFramer;
+use crate::source::line_protocol::{LineError, LineParser};
+use crate::source::reopen::Reopen;
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;

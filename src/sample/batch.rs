@@ -1,7 +1,7 @@
 //! Batches of encoded records, and the batcher that closes them on count, age or size.
 
 use crate::config::{self, PayloadMode};
-use crate::signal::Micros;
+use crate::sample::signal::Micros;
 
 /// `{"records":[` + `]}`: what the records payload adds around the comma-joined records.
 pub const RECORDS_ENVELOPE: usize = 14;

@@ -19,7 +19,7 @@
 //! Numbers are what `f64::from_str` accepts, if finite: `nan`, `inf` or `1e999` are bad numbers.
 //! csv and nmea cells may be padded with spaces or tabs.
 
-use crate::line_framer::FrameError;
+use crate::source::line_framer::FrameError;
 
 /// How a sensor prints its lines; field ids are the caller's (e.g. indexes into its field list).
 #[derive(Debug, Clone, PartialEq)]
@@ -375,7 +375,7 @@ fn write_cells(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::line_framer::LineFramer;
+    use crate::source::line_framer::LineFramer;
 
     const FL: usize = 0;
     const FR: usize = 1;

@@ -347,8 +347,10 @@ impl Default for Source {
 
 impl Config {
     /// The serial line format as the parser wants it. Valid after `validate`.
-    pub fn line_format(&self) -> Result<crate::line_protocol::LineFormat, (String, String)> {
-        use crate::line_protocol::LineFormat;
+    pub fn line_format(
+        &self,
+    ) -> Result<crate::source::line_protocol::LineFormat, (String, String)> {
+        use crate::source::line_protocol::LineFormat;
         let src = &self.source;
         let field = |name: &str, key: &str| {
             self.fields.get_index_of(name).ok_or_else(|| {
@@ -866,7 +868,7 @@ impl Config {
                 );
             }
             let format = self.line_format()?;
-            crate::line_protocol::LineParser::new(format)
+            crate::source::line_protocol::LineParser::new(format)
                 .map_err(|err| ("source".to_string(), err.to_string()))?;
         }
         if src.kind == SourceKind::Can {

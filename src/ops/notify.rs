@@ -2,8 +2,8 @@
 //! the watchdog, fed only while readings are being made and the publisher loop turns.
 //! Outside systemd (no `NOTIFY_SOCKET`) every call is a no-op.
 
+use crate::ops::stats::Stats;
 use crate::spool::SpoolStats;
-use crate::stats::Stats;
 use sd_notify::NotifyState;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,7 @@ pub fn status_line(stats: &Stats, spool: Option<&SpoolStats>) -> String {
     let last = match g(&stats.last_ack_ms) {
         0 => "never".to_string(),
         ms => {
-            let ago = (crate::clock::wall_now_us() / 1000 - ms as i64).max(0);
+            let ago = (crate::ops::clock::wall_now_us() / 1000 - ms as i64).max(0);
             format!("{:.0}s ago", ago as f64 / 1000.0)
         }
     };

@@ -1,7 +1,7 @@
 //! A reading, and its JSON record in the documented schema, byte for byte.
 
 use crate::config::{Config, FieldType};
-use crate::signal::Micros;
+use crate::sample::signal::Micros;
 
 /// One sample of every configured field at one tick of the grid. `None` is JSON `null`.
 #[derive(Debug, Clone, PartialEq)]

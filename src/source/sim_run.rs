@@ -1,8 +1,8 @@
 //! Sources: turn a wire (or a model) into `SourceEvent`s. Today the simulated car.
 
 use crate::config::Config;
-use crate::signal::{FieldId, Micros, SignalUpdate, SourceEvent};
-use crate::simulator::{Sensor, Simulator};
+use crate::sample::signal::{FieldId, Micros, SignalUpdate, SourceEvent};
+use crate::source::simulator::{Sensor, Simulator};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -91,8 +91,11 @@ fn field_map(config: &Config) -> Vec<(Sensor, FieldId)> {
 pub async fn simulator(
     config: &Config,
     settings: SimSettings,
-    mut bus: Option<(crate::can::FrameEncoder, crate::can::Decoding)>,
-    stats: std::sync::Arc<crate::stats::Stats>,
+    mut bus: Option<(
+        crate::source::can::FrameEncoder,
+        crate::source::can::Decoding,
+    )>,
+    stats: std::sync::Arc<crate::ops::stats::Stats>,
     tx: mpsc::Sender<SourceEvent>,
     stop: CancellationToken,
 ) {
@@ -153,14 +156,14 @@ pub async fn simulator(
 /// value of every field) to the configured serial device: a bench rig for the serial source.
 pub async fn emit_lines(
     config: &Config,
-    parser: crate::line_protocol::LineParser,
+    parser: crate::source::line_protocol::LineParser,
     settings: SimSettings,
     line_rate: u32,
     stop: CancellationToken,
 ) -> std::io::Result<u64> {
     use tokio::io::AsyncWriteExt;
     use tokio_serial::SerialPortBuilderExt;
-    let mut port = crate::serial::builder(config).open_native_async()?;
+    let mut port = crate::source::serial::builder(config).open_native_async()?;
     let map = field_map(config);
     let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
     let mut pacer = Pacer::new(&settings);
@@ -214,9 +217,9 @@ pub async fn emit_can(
     stop: CancellationToken,
 ) -> std::io::Result<u64> {
     use socketcan::{CanFdFrame, CanFrame, EmbeddedFrame, ExtendedId, Id, StandardId};
-    let decoding = crate::can::Decoding::for_simulator(config)
+    let decoding = crate::source::can::Decoding::for_simulator(config)
         .map_err(|(k, m)| std::io::Error::other(format!("{k}: {m}")))?;
-    let mut encoder = crate::can::FrameEncoder::new(config, &decoding);
+    let mut encoder = crate::source::can::FrameEncoder::new(config, &decoding);
     let socket = socketcan::tokio::CanFdSocket::open(iface)?;
     let mut sim = Simulator::new(settings.seed, settings.start, settings.faults);
     let mut pacer = Pacer::new(&settings);

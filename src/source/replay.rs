@@ -1,11 +1,11 @@
 //! candump replay: a `candump -L` log through the real decoding path, on the log's own
 //! clock, so the same log gives the same records at any speed.
 
-use crate::can::Decoding;
-use crate::candump::{self, LineError};
-use crate::signal::{Micros, SourceEvent};
-use crate::source::Speed;
-use crate::stats::Stats;
+use crate::ops::stats::Stats;
+use crate::sample::signal::{Micros, SourceEvent};
+use crate::source::can::Decoding;
+use crate::source::candump::{self, LineError};
+use crate::source::sim_run::Speed;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -123,7 +123,7 @@ impl Stats {
 
     pub fn set_last_error(&self, class: &'static str, detail: String) {
         if let Ok(mut e) = self.last_error.lock() {
-            *e = Some((class, detail, crate::clock::wall_now_us() / 1000));
+            *e = Some((class, detail, crate::ops::clock::wall_now_us() / 1000));
         }
     }
 

@@ -13,7 +13,7 @@
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
-use crate::signal::Micros;
+use crate::sample::signal::Micros;
 
 /// A simulated sensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
