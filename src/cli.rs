@@ -421,53 +421,18 @@ fn execute_with(
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    let session_id = if config.vehicle.session_id == "auto" {
-        uuid::Uuid::new_v4().to_string()
-    } else {
-        config.vehicle.session_id.clone()
-    };
+    let session_id = session_id(&config);
     let stats = Arc::new(Stats::new(config.field_names()));
     let payload = config.batch.payload;
-    tracing::info!(
-        "redline-agent {} starting: vehicle {}, session {session_id}, config {}, {} to {}",
-        env!("CARGO_PKG_VERSION"),
-        config.vehicle.id,
-        path.display(),
-        match (timing, &replay) {
-            (_, Some(r)) => format!("replay of {}", r.file.display()),
-            (Timing::Live, None) =>
-                format!("live sampling ({:?} source)", config.source.kind).to_lowercase(),
-            (Timing::Data, None) => "simulated car".to_string(),
-        },
-        match (sink, config.topic()) {
-            (Sink::Mqtt, Some(t)) => t,
-            _ => "stdout".to_string(),
-        }
-    );
+    log_start(&config, path, timing, sink, replay.as_ref(), &session_id);
     // The daemon always writes its status file; a bench run only when the config names one.
     let status_file = (timing == Timing::Live
         || config.status.file.as_os_str() != crate::config::DEFAULT_STATUS_FILE)
         .then(|| config.status.file.clone());
-    // `simulate` without a [spool] table gets a spool of its own that ends with the run.
-    let mut _temporary = None;
-    let spool = match (&config.spool, timing) {
-        (Some(sp), _) => sp.clone(),
-        (None, Timing::Live) => crate::config::Spool::default(),
-        (None, Timing::Data) => {
-            let dir = match tempfile::Builder::new().prefix("redline-spool-").tempdir() {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("redline-agent: cannot make a temporary spool: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let sp = crate::config::Spool {
-                dir: dir.path().to_path_buf(),
-                ..Default::default()
-            };
-            _temporary = Some(dir);
-            sp
-        }
+    // `_temporary` (a spool of its own for `simulate`) lives as long as the run.
+    let (spool, _temporary) = match spool_for(&config, timing) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let plan = Plan {
         config,
@@ -489,6 +454,85 @@ fn execute_with(
         tokio::spawn(watch_signals(stop.clone()));
         pipeline::run(plan, stats.clone(), spool_stats.clone(), stop).await
     });
+    exit_code(result, path, sink, finite, &stats, &spool_stats, payload)
+}
+
+/// `vehicle.session_id`, or a new UUID for "auto".
+fn session_id(config: &Config) -> String {
+    if config.vehicle.session_id == "auto" {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        config.vehicle.session_id.clone()
+    }
+}
+
+/// The first log line: who, which config, what is sampled and where it goes.
+fn log_start(
+    config: &Config,
+    path: &Path,
+    timing: Timing,
+    sink: Sink,
+    replay: Option<&crate::source::replay::Replay>,
+    session_id: &str,
+) {
+    tracing::info!(
+        "redline-agent {} starting: vehicle {}, session {session_id}, config {}, {} to {}",
+        env!("CARGO_PKG_VERSION"),
+        config.vehicle.id,
+        path.display(),
+        match (timing, replay) {
+            (_, Some(r)) => format!("replay of {}", r.file.display()),
+            (Timing::Live, None) =>
+                format!("live sampling ({:?} source)", config.source.kind).to_lowercase(),
+            (Timing::Data, None) => "simulated car".to_string(),
+        },
+        match (sink, config.topic()) {
+            (Sink::Mqtt, Some(t)) => t,
+            _ => "stdout".to_string(),
+        }
+    );
+}
+
+/// The spool of a run: the config's, the default one for the daemon, or for `simulate`
+/// without a [spool] table one of its own that ends with the run (with the guard that
+/// removes it).
+fn spool_for(
+    config: &Config,
+    timing: Timing,
+) -> Result<(crate::config::Spool, Option<tempfile::TempDir>), ExitCode> {
+    let mut temporary = None;
+    let spool = match (&config.spool, timing) {
+        (Some(sp), _) => sp.clone(),
+        (None, Timing::Live) => crate::config::Spool::default(),
+        (None, Timing::Data) => {
+            let dir = match tempfile::Builder::new().prefix("redline-spool-").tempdir() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("redline-agent: cannot make a temporary spool: {e}");
+                    return Err(ExitCode::FAILURE);
+                }
+            };
+            let sp = crate::config::Spool {
+                dir: dir.path().to_path_buf(),
+                ..Default::default()
+            };
+            temporary = Some(dir);
+            sp
+        }
+    };
+    Ok((spool, temporary))
+}
+
+/// The summary lines and the exit code of a finished run.
+fn exit_code(
+    result: Result<pipeline::Summary, pipeline::StartError>,
+    path: &Path,
+    sink: Sink,
+    finite: bool,
+    stats: &Stats,
+    spool_stats: &crate::spool::SpoolStats,
+    payload: crate::config::PayloadMode,
+) -> ExitCode {
     match result {
         Ok(summary) => {
             if sink == Sink::Mqtt {

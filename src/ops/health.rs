@@ -56,11 +56,43 @@ pub fn offline(meta: &Meta, reason: &str) -> Vec<u8> {
 
 /// Every counter, as the periodic status message and the status file carry them.
 pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value {
-    let g = Stats::get;
     let now_ms = crate::ops::clock::wall_now_us() / 1000;
     let mut m = head(meta, "running");
     m.insert("at".into(), rfc3339(now_ms));
     m.insert("at_ms".into(), now_ms.into());
+    m.insert("link".into(), link_json(stats));
+    m.insert("counters".into(), counters_json(stats));
+    if let Some(s) = spool {
+        m.insert("backlog".into(), backlog_json(s, now_ms));
+        m.insert("spool".into(), spool_json(s));
+        m.insert("losses".into(), losses_json(s));
+    }
+    Value::Object(m)
+}
+
+/// The MQTT link: connected or not, its measured rate and round trip, the last error.
+fn link_json(stats: &Stats) -> Value {
+    let g = Stats::get;
+    let last_ack = g(&stats.last_ack_ms);
+    json!({
+        "connected": g(&stats.connected) == 1,
+        "last_puback_at": if last_ack == 0 { Value::Null } else { rfc3339(last_ack as i64) },
+        "reconnects": g(&stats.reconnects),
+        "rate_bytes_per_s": g(&stats.link_rate_bps),
+        "rtt_ms": g(&stats.link_rtt_ms),
+        "queued_bytes": g(&stats.link_queued_bytes),
+        "inflight_messages": g(&stats.inflight),
+        "window_bytes": g(&stats.link_window_bytes),
+        "message_bytes": g(&stats.link_message_bytes),
+        "last_error": stats.last_error().map(|(class, detail, at)| json!({
+            "class": class, "detail": detail, "at": rfc3339(at)
+        })),
+    })
+}
+
+/// What every stage counted: readings, nulls per field and reason, rejected input, sends.
+fn counters_json(stats: &Stats) -> Value {
+    let g = Stats::get;
     let mut nulls = Map::new();
     for (i, name) in stats.field_names().iter().enumerate() {
         let mut by = Map::new();
@@ -79,90 +111,71 @@ pub fn snapshot(meta: &Meta, stats: &Stats, spool: Option<&SpoolStats>) -> Value
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect();
-    let last_ack = g(&stats.last_ack_ms);
-    m.insert(
-        "link".into(),
-        json!({
-            "connected": g(&stats.connected) == 1,
-            "last_puback_at": if last_ack == 0 { Value::Null } else { rfc3339(last_ack as i64) },
-            "reconnects": g(&stats.reconnects),
-            "rate_bytes_per_s": g(&stats.link_rate_bps),
-            "rtt_ms": g(&stats.link_rtt_ms),
-            "queued_bytes": g(&stats.link_queued_bytes),
-            "inflight_messages": g(&stats.inflight),
-            "window_bytes": g(&stats.link_window_bytes),
-            "message_bytes": g(&stats.link_message_bytes),
-            "last_error": stats.last_error().map(|(class, detail, at)| json!({
-                "class": class, "detail": detail, "at": rfc3339(at)
-            })),
-        }),
-    );
-    m.insert(
-        "counters".into(),
-        json!({
-            "readings": g(&stats.readings),
-            "ticks_missed": g(&stats.ticks_missed),
-            "dropped_readings": g(&stats.readings_dropped),
-            "nulls": nulls,
-            "lines": g(&stats.lines),
-            "frames": g(&stats.frames),
-            "rejected": rejected,
-            "batches": g(&stats.batches),
-            "messages_published": g(&stats.messages_published),
-            "bytes_published": g(&stats.bytes_published),
-            "pubacks": g(&stats.pubacks),
-            "readings_acknowledged": g(&stats.readings_acked),
-            "republished": g(&stats.republished),
-            "resent_bytes": g(&stats.bytes_resent),
-        }),
-    );
-    if let Some(s) = spool {
-        let oldest = g(&s.oldest_unacked_ms);
-        m.insert(
-            "backlog".into(),
-            json!({
-                "batches": g(&s.unacked_batches),
-                "readings": g(&s.unacked_readings),
-                "bytes": g(&s.bytes),
-                "oldest_at": if oldest == 0 { Value::Null } else { rfc3339(oldest as i64) },
-                "age_s": if oldest == 0 { Value::Null } else { ((now_ms - oldest as i64).max(0) / 1000).into() },
-                "held_for_clock_batches": g(&s.held_batches),
-                "held_for_clock_bytes": g(&s.held_bytes),
-            }),
-        );
-        // The disk under the spool: while it cannot be written, batches live in memory.
-        let fault = s.fault();
-        m.insert(
-            "spool".into(),
-            json!({
-                "writable": fault.is_none(),
-                "fault": fault.map(|(since, error)| json!({
-                    "error": error,
-                    "since": rfc3339(since as i64),
-                })),
-                "memory_batches": g(&s.memory_batches),
-                "memory_bytes": g(&s.memory_bytes),
-                "memory_limit_bytes": g(&s.memory_limit_bytes),
-                "written_from_memory_batches": g(&s.written_from_memory_batches),
-                "read_retries": g(&s.read_retries),
-                "read_failures": g(&s.read_failures),
-            }),
-        );
-        m.insert(
-            "losses".into(),
-            json!({
-                "dropped_at_cap_readings": g(&s.cap_dropped_readings),
-                "dropped_at_cap_held_batches": g(&s.cap_dropped_held_batches),
-                "corrupt_cuts": g(&s.corrupt_cuts),
-                "corrupt_bytes": g(&s.corrupt_bytes),
-                "corrupt_frames": g(&s.corrupt_frames),
-                "spool_write_errors": g(&s.write_errors),
-                "dropped_from_memory_readings": g(&s.memory_dropped_readings),
-                "dropped_from_memory_batches": g(&s.memory_dropped_batches),
-            }),
-        );
-    }
-    Value::Object(m)
+    json!({
+        "readings": g(&stats.readings),
+        "ticks_missed": g(&stats.ticks_missed),
+        "dropped_readings": g(&stats.readings_dropped),
+        "nulls": nulls,
+        "lines": g(&stats.lines),
+        "frames": g(&stats.frames),
+        "rejected": rejected,
+        "batches": g(&stats.batches),
+        "messages_published": g(&stats.messages_published),
+        "bytes_published": g(&stats.bytes_published),
+        "pubacks": g(&stats.pubacks),
+        "readings_acknowledged": g(&stats.readings_acked),
+        "republished": g(&stats.republished),
+        "resent_bytes": g(&stats.bytes_resent),
+    })
+}
+
+/// What waits in the spool for a PUBACK (and for a trusted clock).
+fn backlog_json(s: &SpoolStats, now_ms: i64) -> Value {
+    let g = Stats::get;
+    let oldest = g(&s.oldest_unacked_ms);
+    json!({
+        "batches": g(&s.unacked_batches),
+        "readings": g(&s.unacked_readings),
+        "bytes": g(&s.bytes),
+        "oldest_at": if oldest == 0 { Value::Null } else { rfc3339(oldest as i64) },
+        "age_s": if oldest == 0 { Value::Null } else { ((now_ms - oldest as i64).max(0) / 1000).into() },
+        "held_for_clock_batches": g(&s.held_batches),
+        "held_for_clock_bytes": g(&s.held_bytes),
+    })
+}
+
+/// The disk under the spool: while it cannot be written, batches live in memory.
+fn spool_json(s: &SpoolStats) -> Value {
+    let g = Stats::get;
+    let fault = s.fault();
+    json!({
+        "writable": fault.is_none(),
+        "fault": fault.map(|(since, error)| json!({
+            "error": error,
+            "since": rfc3339(since as i64),
+        })),
+        "memory_batches": g(&s.memory_batches),
+        "memory_bytes": g(&s.memory_bytes),
+        "memory_limit_bytes": g(&s.memory_limit_bytes),
+        "written_from_memory_batches": g(&s.written_from_memory_batches),
+        "read_retries": g(&s.read_retries),
+        "read_failures": g(&s.read_failures),
+    })
+}
+
+/// Readings the agent had to give up, and damage it cut from the spool.
+fn losses_json(s: &SpoolStats) -> Value {
+    let g = Stats::get;
+    json!({
+        "dropped_at_cap_readings": g(&s.cap_dropped_readings),
+        "dropped_at_cap_held_batches": g(&s.cap_dropped_held_batches),
+        "corrupt_cuts": g(&s.corrupt_cuts),
+        "corrupt_bytes": g(&s.corrupt_bytes),
+        "corrupt_frames": g(&s.corrupt_frames),
+        "spool_write_errors": g(&s.write_errors),
+        "dropped_from_memory_readings": g(&s.memory_dropped_readings),
+        "dropped_from_memory_batches": g(&s.memory_dropped_batches),
+    })
 }
 
 /// Writes the snapshot atomically: a reader never sees half a file.
@@ -179,13 +192,7 @@ pub fn write_file(path: &Path, snapshot: &Value) -> std::io::Result<()> {
 
 /// The status file in words, for `redline-agent status`.
 pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
-    let s = |p: &str| {
-        v.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or("-")
-            .to_string()
-    };
-    let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let s = |p: &str| text_at(v, p);
     let mut out = String::new();
     out.push_str(&format!(
         "vehicle {} · session {} · agent {} · running since {} · source {}\n",
@@ -198,6 +205,17 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
     if let Some(age) = file_age_s {
         out.push_str(&format!("snapshot taken {} ({age} s ago)\n", s("/at")));
     }
+    render_link(v, &mut out);
+    render_backlog(v, &mut out);
+    render_spool(v, &mut out);
+    render_counters(v, &mut out);
+    out
+}
+
+/// The `link:` lines: connection, last PUBACK, what the link model measures, last error.
+fn render_link(v: &Value, out: &mut String) {
+    let s = |p: &str| text_at(v, p);
+    let n = |p: &str| num_at(v, p);
     let connected = v
         .pointer("/link/connected")
         .and_then(Value::as_bool)
@@ -229,6 +247,12 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
             e["detail"].as_str().unwrap_or("-")
         ));
     }
+}
+
+/// The `backlog:` line: what waits for a PUBACK, and what waits for a trusted clock.
+fn render_backlog(v: &Value, out: &mut String) {
+    let s = |p: &str| text_at(v, p);
+    let n = |p: &str| num_at(v, p);
     if v.get("backlog").is_some() {
         out.push_str(&format!(
             "backlog:  {} batch(es), {} reading(s), {} bytes · oldest {} ({} s)",
@@ -246,6 +270,12 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
         }
         out.push('\n');
     }
+}
+
+/// The `spool:` line, only when the disk fails or batches wait in memory.
+fn render_spool(v: &Value, out: &mut String) {
+    let s = |p: &str| text_at(v, p);
+    let n = |p: &str| num_at(v, p);
     if let Some(sp) = v.get("spool") {
         let memory = format!(
             "{} batch(es), {} bytes in memory (bound {} bytes)",
@@ -263,6 +293,11 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
             out.push_str(&format!("spool:    writable; {memory}\n"));
         }
     }
+}
+
+/// The `sent:`, `readings:`, `nulls:`, `rejected:` and `losses:` lines.
+fn render_counters(v: &Value, out: &mut String) {
+    let n = |p: &str| num_at(v, p);
     out.push_str(&format!(
         "sent:     {} message(s), {} bytes, {} reading(s) acknowledged\n",
         n("/counters/messages_published"),
@@ -291,7 +326,19 @@ pub fn render(v: &Value, file_age_s: Option<u64>) -> String {
     if let Some(l) = v.get("losses") {
         out.push_str(&format!("losses:   {l}\n"));
     }
-    out
+}
+
+/// The string at JSON pointer `p`, or "-".
+fn text_at(v: &Value, p: &str) -> String {
+    v.pointer(p)
+        .and_then(Value::as_str)
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// The number at JSON pointer `p`, or 0.
+fn num_at(v: &Value, p: &str) -> u64 {
+    v.pointer(p).and_then(Value::as_u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -116,6 +116,32 @@ pub async fn run(
             }
         }
     }
+    let holds = log_summary(&replay, number, bad, used, values, &seen);
+    if let Some(t) = last {
+        // Every tick up to the last frame is due.
+        let _ = tx.send(SourceEvent::Clock(t + 1)).await;
+    }
+    if values == 0 && !stop.is_cancelled() {
+        return Err(std::io::Error::other(nothing_usable(
+            &holds,
+            used,
+            replay.interface.as_deref(),
+            &seen,
+        )));
+    }
+    Ok(())
+}
+
+/// Logs what the log held and what was replayed; returns the "what it holds" part for
+/// the error when nothing was usable.
+fn log_summary(
+    replay: &Replay,
+    number: u64,
+    bad: u64,
+    used: u64,
+    values: u64,
+    seen: &BTreeMap<String, u64>,
+) -> String {
     if bad > LOG_FIRST {
         tracing::warn!(
             "{}: {bad} malformed line(s) in all ({} not shown)",
@@ -139,19 +165,7 @@ pub async fn run(
             .as_deref()
             .map_or(String::new(), |i| format!(" from {i}"))
     );
-    if let Some(t) = last {
-        // Every tick up to the last frame is due.
-        let _ = tx.send(SourceEvent::Clock(t + 1)).await;
-    }
-    if values == 0 && !stop.is_cancelled() {
-        return Err(std::io::Error::other(nothing_usable(
-            &holds,
-            used,
-            replay.interface.as_deref(),
-            &seen,
-        )));
-    }
-    Ok(())
+    holds
 }
 
 /// Why a log gave no value, and what to try.
