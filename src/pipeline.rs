@@ -243,16 +243,16 @@ impl Wiring<'_> {
         let config = self.config;
         let boot_id = crate::ops::clock::boot_id();
         let clock_source = clock_source(config);
-        let grid_step = grid_step(config.sampling.rate_hz);
+        let grid_step = crate::ops::clock::grid_step(config.sampling.rate_hz);
         let (clock, tb) = match (timing, clock_source.check()) {
             (Timing::Data, _) => return (LiveClock::start(0), None),
             (Timing::Live, crate::ops::clock::Verdict::Trusted) => {
-                let offset = crate::ops::clock::wall_now_us() - crate::ops::clock::boot_now_us();
+                let offset = crate::ops::clock::boot_to_utc_us();
                 if let BatchOut::Spool(tx, ..) = out {
                     // Readings an earlier run of this boot stamped on the boot clock can go.
                     let _ = tx.send(Cmd::BootOffset {
                         boot_id,
-                        offset: crate::ops::clock::round_to(offset, grid_step),
+                        offset: crate::ops::clock::offset_on_grid(offset, grid_step),
                     });
                 }
                 let tb = TimeBase {
@@ -542,15 +542,6 @@ fn clock_source(config: &Config) -> ClockSource {
     }
 }
 
-/// Offsets are rounded to this so converted timestamps stay on the sampling grid.
-fn grid_step(rate_hz: u32) -> Micros {
-    if 1_000_000 % i64::from(rate_hz) == 0 {
-        1_000_000 / i64::from(rate_hz)
-    } else {
-        1_000_000
-    }
-}
-
 /// Looks at the wall clock every `every`: when it becomes trusted, new readings carry UTC
 /// and the spool converts those stamped on the boot clock; when it steps (NTP), timestamps
 /// follow the step in whole grid periods, so the grid of the readings goes on unbroken.
@@ -576,7 +567,7 @@ async fn watch_clock(
                 continue;
             }
             tb.trusted = true;
-            tb.correction = crate::ops::clock::round_to(wall_minus_sampling, grid_step);
+            tb.correction = crate::ops::clock::offset_on_grid(wall_minus_sampling, grid_step);
             tracing::info!(
                 "wall clock trusted now: readings stamped on the boot clock are converted with an offset of {:.3} s",
                 tb.correction as f64 / 1e6
@@ -586,7 +577,7 @@ async fn watch_clock(
             if step.abs() <= grid_step / 2 {
                 continue;
             }
-            let adjust = crate::ops::clock::round_to(step, grid_step);
+            let adjust = crate::ops::clock::offset_on_grid(step, grid_step);
             tracing::warn!(
                 "wall clock stepped by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
                 step as f64 / 1e6,
@@ -595,10 +586,8 @@ async fn watch_clock(
             tb.correction += adjust;
         }
         if let Some(spool) = &spool {
-            let boot_offset = crate::ops::clock::round_to(
-                crate::ops::clock::wall_now_us() - crate::ops::clock::boot_now_us(),
-                grid_step,
-            );
+            let boot_offset =
+                crate::ops::clock::offset_on_grid(crate::ops::clock::boot_to_utc_us(), grid_step);
             let _ = spool.send(Cmd::BootOffset {
                 boot_id: tb.boot_id,
                 offset: boot_offset,

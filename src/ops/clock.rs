@@ -172,6 +172,28 @@ pub fn synchronised(rc: i32, status: i32, timesyncd_flag: impl FnOnce() -> bool)
 /// Created by systemd-timesyncd once it has synchronised the clock (in /run: gone at boot).
 pub const TIMESYNCD_FLAG: &str = "/run/systemd/timesync/synchronized";
 
+/// The sampling grid's period at `rate_hz`: offsets are rounded to it so converted
+/// timestamps stay on the grid (a whole second when the rate does not divide one).
+pub fn grid_step(rate_hz: u32) -> Micros {
+    if 1_000_000 % i64::from(rate_hz) == 0 {
+        1_000_000 / i64::from(rate_hz)
+    } else {
+        1_000_000
+    }
+}
+
+/// Wall clock minus boot clock, now: added to a boot-clock stamp, it gives UTC.
+pub fn boot_to_utc_us() -> Micros {
+    wall_now_us() - boot_now_us()
+}
+
+/// An offset between clocks as timestamps use it (the boot→UTC offset, the sampling
+/// clock's correction, an NTP step): rounded to the sampling grid, so timestamps converted
+/// with it stay on the grid. The one place this rounding is decided.
+pub fn offset_on_grid(offset: Micros, grid_step: Micros) -> Micros {
+    round_to(offset, grid_step)
+}
+
 /// `x` rounded to the nearest multiple of `step`.
 pub fn round_to(x: Micros, step: Micros) -> Micros {
     if step <= 1 {
