@@ -3,8 +3,29 @@
 use crate::config::{self, PayloadMode};
 use crate::sample::signal::Micros;
 
+/// The records payload's envelope: `{"records":[` + the records joined by `,` + `]}`.
+const ENVELOPE_HEAD: &[u8] = b"{\"records\":[";
+const ENVELOPE_TAIL: &[u8] = b"]}";
+
 /// `{"records":[` + `]}`: what the records payload adds around the comma-joined records.
-pub const RECORDS_ENVELOPE: usize = 14;
+pub const RECORDS_ENVELOPE: usize = ENVELOPE_HEAD.len() + ENVELOPE_TAIL.len();
+
+/// The records payload of one message: the bodies (each records joined by `,`) joined by
+/// `,` in the envelope. The one place the envelope is built, for one batch (stdout) or
+/// several (the uplink's messages).
+pub fn records_payload<'a>(bodies: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let len: usize = bodies.clone().map(|b| b.len() + 1).sum();
+    let mut p = Vec::with_capacity(len + RECORDS_ENVELOPE);
+    p.extend_from_slice(ENVELOPE_HEAD);
+    for (i, body) in bodies.enumerate() {
+        if i > 0 {
+            p.push(b',');
+        }
+        p.extend_from_slice(body);
+    }
+    p.extend_from_slice(ENVELOPE_TAIL);
+    p
+}
 
 /// Digits an epoch-millisecond timestamp may have beyond a boot-clock one.
 const BOOT_TIMESTAMP_GROWTH: usize = 13;
@@ -217,12 +238,8 @@ pub struct Control {
 pub fn messages_for(batch: &Batch, mode: PayloadMode, out: &mut Vec<Message>) {
     match mode {
         PayloadMode::Records => {
-            let mut p = Vec::with_capacity(batch.payload_len());
-            p.extend_from_slice(b"{\"records\":[");
-            p.extend_from_slice(&batch.body);
-            p.extend_from_slice(b"]}");
             out.push(Message {
-                payload: p.into(),
+                payload: records_payload(std::iter::once(&batch.body[..])).into(),
                 records: batch.len(),
                 batches: vec![batch.seq],
                 control: None,

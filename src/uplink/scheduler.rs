@@ -9,7 +9,7 @@
 
 use super::link_model::{Flight, LinkModel};
 use crate::config::{MAX_RECORDS_PER_MESSAGE, PayloadMode};
-use crate::sample::batch::{Batch, Control};
+use crate::sample::batch::{Batch, Control, RECORDS_ENVELOPE, records_payload};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -125,9 +125,6 @@ pub struct Scheduler {
     pub requeued_messages: u64,
 }
 
-const ENVELOPE_HEAD: &[u8] = b"{\"records\":[";
-const ENVELOPE_TAIL: &[u8] = b"]}";
-
 impl Scheduler {
     pub fn new(s: Settings, now: Instant) -> Self {
         Self {
@@ -228,7 +225,7 @@ impl Scheduler {
         let target = self.target();
         let mut n = 0;
         let mut records = 0;
-        let mut len = ENVELOPE_HEAD.len() + ENVELOPE_TAIL.len();
+        let mut len = RECORDS_ENVELOPE;
         for u in q {
             let grown = len + u.body.len() + usize::from(n > 0);
             let fits = records + u.records <= MAX_RECORDS_PER_MESSAGE
@@ -500,17 +497,7 @@ impl Scheduler {
 }
 
 fn envelope(units: &[Unit]) -> Bytes {
-    let len: usize = units.iter().map(|u| u.body.len() + 1).sum();
-    let mut p = Vec::with_capacity(len + ENVELOPE_HEAD.len() + ENVELOPE_TAIL.len());
-    p.extend_from_slice(ENVELOPE_HEAD);
-    for (i, u) in units.iter().enumerate() {
-        if i > 0 {
-            p.push(b',');
-        }
-        p.extend_from_slice(&u.body);
-    }
-    p.extend_from_slice(ENVELOPE_TAIL);
-    p.into()
+    records_payload(units.iter().map(|u| &u.body[..])).into()
 }
 
 #[cfg(test)]
