@@ -1,4 +1,6 @@
-//! Sources: turn a wire (or a model) into `SourceEvent`s. Today the simulated car.
+//! The simulated car run as a source (`simulator`: its frames go through the CAN decoder as
+//! on the car), and as bench rigs that put it on a serial device (`emit_lines`) or a CAN
+//! interface (`emit_can`).
 
 use crate::config::Config;
 use crate::sample::signal::{FieldId, Micros, SignalUpdate, SourceEvent};
