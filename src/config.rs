@@ -50,6 +50,13 @@ pub struct Clock {
     pub trust: Trust,
     /// How often the clock is looked at (trust arriving, NTP steps).
     pub check_interval: Dur,
+    /// A GNSS receiver's time on the CAN bus (`Message.Signal` of UTC seconds since 1970, or
+    /// a date/time set): trusts the clock when the wall clock is not (see `gps_time`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gps: Option<GpsSignals>,
+    /// The receiver's fix flag (`Message.Signal`, non-zero while the fix is valid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gps_valid: Option<String>,
 }
 
 impl Default for Clock {
@@ -57,6 +64,47 @@ impl Default for Clock {
         Self {
             trust: Trust::Floor,
             check_interval: Dur(Duration::from_secs(1)),
+            gps: None,
+            gps_valid: None,
+        }
+    }
+}
+
+/// Where the GPS time is on the bus.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum GpsSignals {
+    /// `"GpsTime.UtcTime"`: UTC seconds since 1970-01-01.
+    UtcSeconds(String),
+    /// `{ year = "GpsDate.Year", month = …, day = …, hour = …, minute = …, second = … }`.
+    DateTime(GpsDateTime),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GpsDateTime {
+    pub year: String,
+    pub month: String,
+    pub day: String,
+    pub hour: String,
+    pub minute: String,
+    pub second: String,
+}
+
+impl GpsSignals {
+    /// Each bound signal with its config key and the part of the time it is.
+    pub fn parts(&self) -> Vec<(String, &str, crate::gps_time::Part)> {
+        use crate::gps_time::Part;
+        match self {
+            GpsSignals::UtcSeconds(s) => vec![("clock.gps".into(), s.as_str(), Part::UtcSeconds)],
+            GpsSignals::DateTime(d) => {
+                let signals = [&d.year, &d.month, &d.day, &d.hour, &d.minute, &d.second];
+                Part::DATE_TIME
+                    .iter()
+                    .zip(signals)
+                    .map(|(&(key, part), s)| (format!("clock.gps.{key}"), s.as_str(), part))
+                    .collect()
+            }
         }
     }
 }
@@ -773,6 +821,7 @@ impl Config {
         if self.clock.check_interval.0 < Duration::from_millis(100) {
             return e("clock.check_interval", "expected at least 100ms".into());
         }
+        self.validate_gps()?;
         if self.status.file_interval.0 < Duration::from_millis(100) {
             return e("status.file_interval", "expected at least 100ms".into());
         }
@@ -829,6 +878,31 @@ impl Config {
                     "spool.sync_interval",
                     "must be above zero (or \"always\")".into(),
                 );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_gps(&self) -> Result<(), (String, String)> {
+        let Some(gps) = &self.clock.gps else {
+            if self.clock.gps_valid.is_some() {
+                return Err(("clock.gps_valid".into(), "needs clock.gps".into()));
+            }
+            return Ok(());
+        };
+        if self.source.kind == SourceKind::Serial {
+            return Err((
+                "clock.gps".into(),
+                "GPS time is read from the CAN bus (a DBC signal): it needs source.kind = \"can\" or \"simulator\"".into(),
+            ));
+        }
+        let mut signals = gps.parts();
+        if let Some(v) = &self.clock.gps_valid {
+            signals.push(("clock.gps_valid".into(), v, crate::gps_time::Part::Valid));
+        }
+        for (key, signal, _) in signals {
+            if split_signal(signal).is_none() {
+                return Err((key, format!("expected \"Message.Signal\", got {signal:?}")));
             }
         }
         Ok(())
@@ -1123,6 +1197,47 @@ mod tests {
             ]
         );
         assert_eq!(c.vehicle.session_id, "auto");
+    }
+
+    #[test]
+    fn gps_time_bindings_are_checked() {
+        let base = "[vehicle]\nid = \"x\"\n";
+        let c = parse(&format!("{base}[clock]\ngps = \"GpsTime.UtcTime\"\n")).expect("valid");
+        assert_eq!(
+            c.clock.gps,
+            Some(GpsSignals::UtcSeconds("GpsTime.UtcTime".into()))
+        );
+        let c = parse(&format!(
+            "{base}[clock]\ngps_valid = \"GpsStatus.Fix\"\n[clock.gps]\nyear = \"D.Y\"\nmonth = \"D.M\"\nday = \"D.D\"\nhour = \"T.H\"\nminute = \"T.M\"\nsecond = \"T.S\"\n"
+        ))
+        .expect("valid date/time set");
+        let parts = c
+            .clock
+            .gps
+            .as_ref()
+            .map(GpsSignals::parts)
+            .unwrap_or_default();
+        assert_eq!(parts.len(), 6);
+        assert_eq!(parts[5].0, "clock.gps.second");
+        for (extra, key) in [
+            ("[clock]\ngps = \"UtcTime\"\n", "clock.gps"),
+            ("[clock]\ngps_valid = \"G.Fix\"\n", "clock.gps_valid"),
+            (
+                "[clock]\ngps = \"G.T\"\ngps_valid = \"Fix\"\n",
+                "clock.gps_valid",
+            ),
+            (
+                "[clock.gps]\nyear = \"D.Y\"\nmonth = \"D.M\"\nday = \"D.D\"\nhour = \"T.H\"\nminute = \"T.M\"\nsecond = \"S\"\n",
+                "clock.gps.second",
+            ),
+            (
+                "[source]\nkind = \"serial\"\ndevice = \"/dev/ttyUSB0\"\nformat = \"kv\"\n[clock]\ngps = \"G.T\"\n",
+                "clock.gps",
+            ),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
     }
 
     #[test]

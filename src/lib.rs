@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dbc;
+pub mod gps_time;
 pub mod health;
 pub mod line_framer;
 pub mod line_protocol;
