@@ -64,9 +64,17 @@ pub struct StartError {
 /// Where closed batches go.
 enum BatchOut {
     Stdout(mpsc::Sender<Batch>),
-    /// The spool thread, its counters (for the queue it has not taken yet), and the most
-    /// batches that queue may hold.
-    Spool(std::sync::mpsc::Sender<Cmd>, Arc<SpoolStats>, u64),
+    /// The spool thread, its counters (for the queue it has not taken yet), and the bound
+    /// of that queue.
+    Spool(std::sync::mpsc::Sender<Cmd>, Arc<SpoolStats>, QueueCap),
+}
+
+/// The most the spool thread's queue may hold (it grows only while the disk hangs):
+/// `delivery.memory_batches` batches and `delivery.memory_bytes` bytes.
+#[derive(Debug, Clone, Copy)]
+struct QueueCap {
+    batches: u64,
+    bytes: u64,
 }
 
 pub async fn run(
@@ -217,7 +225,10 @@ impl Wiring<'_> {
             upstream_done: upstream_done.clone(),
             spool_stats: self.spool_stats.clone(),
         };
-        let queue_cap = config.delivery.memory_batches as u64;
+        let queue_cap = QueueCap {
+            batches: config.delivery.memory_batches as u64,
+            bytes: config.delivery.memory_bytes.0,
+        };
         let config = config.clone();
         let stats = self.stats.clone();
         let stop = self.stop.clone();
@@ -874,35 +885,42 @@ async fn batch_readings(
 
 /// Hands a batch on: to the spool (never blocks: sampling must not wait for a disk; if the
 /// spool thread is stuck in a hung disk, the batch is dropped and counted once its queue
-/// is full), or to stdout (waits: printing is the whole point).
+/// is full, by batches or by bytes), or to stdout (waits: printing is the whole point).
 async fn emit(out: &BatchOut, b: Batch, timing: Timing, stats: &Stats) -> bool {
     Stats::add(&stats.batches, 1);
     match out {
         BatchOut::Stdout(tx) => tx.send(b).await.is_ok(),
         BatchOut::Spool(tx, spool, cap) => {
+            use std::sync::atomic::Ordering::Relaxed;
+            let cost = spool::service::memory_cost(&b) as u64;
             let queued = || {
-                spool
-                    .queued_appends
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                (
+                    spool.queued_appends.load(Relaxed),
+                    spool.queued_append_bytes.load(Relaxed),
+                )
+            };
+            // An empty queue always takes one (`memory_bytes` is at least two of the largest).
+            let full = |(n, bytes): (u64, u64)| {
+                n >= cap.batches || (bytes > 0 && bytes + cost > cap.bytes)
             };
             // Simulation and replay run on their own clock: they wait instead.
-            while timing == Timing::Data && queued() >= *cap {
+            while timing == Timing::Data && full(queued()) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let queued = queued();
-            if queued >= *cap {
+            let (n, bytes) = queued();
+            if full((n, bytes)) {
                 if Stats::get(&stats.batches_dropped) == 0 {
                     tracing::error!(
-                        "the spool thread has taken no batch for {queued} batches (a hung disk?): dropping new readings"
+                        "the spool thread has taken none of the last {n} batch(es), {bytes} bytes (a hung disk?): dropping new readings while its queue is at its bound (delivery.memory_batches = {}, delivery.memory_bytes = {})",
+                        cap.batches,
+                        cap.bytes
                     );
                 }
                 Stats::add(&stats.batches_dropped, 1);
                 Stats::add(&stats.readings_dropped, b.len() as u64);
                 return true;
             }
-            spool
-                .queued_appends
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            spool.put_queued(&b);
             tx.send(Cmd::Append(b)).is_ok()
         }
     }
