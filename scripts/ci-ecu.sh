@@ -44,5 +44,5 @@ scripts/ecu-vm.sh image "$ARCH" >/dev/null || die "scripts/ecu-vm.sh image $ARCH
 log "image $ARCH ready in $(( $(date +%s) - t ))s"
 
 t=$(date +%s)
-cargo test --locked --features test-hooks --test ecu_vm -- --ignored --nocapture --exact ecu_in_a_box
+cargo test --locked --features test-hooks --test ecu_vm -- --nocapture --exact ecu_in_a_box
 log "scenarios in $(( $(date +%s) - t ))s; whole step $(( $(date +%s) - start ))s"

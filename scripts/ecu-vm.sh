@@ -434,6 +434,6 @@ case $cmd in
     fi
     ensure_image "$arch" >/dev/null
     ECU_VM_ARCH=$arch REDLINE_DEB_DIR=$debs exec cargo test -q --locked --features test-hooks \
-      --test ecu_vm -- --ignored --nocapture --exact try_it_on_a_virtual_ecu ;;
+      --test ecu_vm -- --nocapture --exact try_it_on_a_virtual_ecu ;;
   *) usage; exit 2 ;;
 esac

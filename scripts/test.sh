@@ -46,6 +46,8 @@ cargo fmt --all -- --check
 # Both builds lint clean: the release one (no test hooks) and the test one.
 cargo clippy --locked --all-targets -- -D warnings
 cargo clippy --locked --all-targets --features test-hooks -- -D warnings
+# The ECU test (test = false: scripts/ci-ecu.sh runs it) is linted all the same.
+cargo clippy --locked --features test-hooks --test ecu_vm -- -D warnings
 # The tests drive the agent through its test hooks (REDLINE_TEST_CLOCK_FILE,
 # REDLINE_TEST_STALL_SAMPLER_AFTER_MS), which exist only with this feature; a test that
 # needs one fails, saying so, without it. The release binary and the .deb never have it.

@@ -163,6 +163,7 @@ impl SimulateArgs {
             faults: self.faults || cfg.source.faults,
             duration: self.duration,
             speed: self.speed,
+            utc_offset: 0,
         }
     }
 }
@@ -271,6 +272,7 @@ pub fn main() -> ExitCode {
                 faults: false,
                 duration: None,
                 speed,
+                utc_offset: 0,
             };
             execute_with(cfg, &path, Timing::Data, sink, sim, true, Some(replay))
         }
@@ -285,6 +287,7 @@ pub fn main() -> ExitCode {
                 faults: cfg.source.faults,
                 duration: None,
                 speed: Speed::Factor(1.0),
+                utc_offset: 0,
             };
             let sink = if stdout { Sink::Stdout } else { Sink::Mqtt };
             execute(cfg, &config, Timing::Live, sink, sim, false)

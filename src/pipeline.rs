@@ -64,9 +64,17 @@ pub struct StartError {
 /// Where closed batches go.
 enum BatchOut {
     Stdout(mpsc::Sender<Batch>),
-    /// The spool thread, its counters (for the queue it has not taken yet), and the most
-    /// batches that queue may hold.
-    Spool(std::sync::mpsc::Sender<Cmd>, Arc<SpoolStats>, u64),
+    /// The spool thread, its counters (for the queue it has not taken yet), and the bound
+    /// of that queue.
+    Spool(std::sync::mpsc::Sender<Cmd>, Arc<SpoolStats>, QueueCap),
+}
+
+/// The most the spool thread's queue may hold (it grows only while the disk hangs):
+/// `delivery.memory_batches` batches and `delivery.memory_bytes` bytes.
+#[derive(Debug, Clone, Copy)]
+struct QueueCap {
+    batches: u64,
+    bytes: u64,
 }
 
 pub async fn run(
@@ -95,6 +103,11 @@ pub async fn run(
         stats: &stats,
         spool_stats: &spool_stats,
         stop: &stop,
+        gps: config.clock.gps.as_ref().map(|_| {
+            Arc::new(std::sync::Mutex::new(crate::ops::gps_time::GpsJudge::new(
+                crate::ops::clock::build_floor_us(),
+            )))
+        }),
     };
 
     // The spool and the publisher start first: a spool.dir that can never be a spool (not
@@ -166,6 +179,8 @@ struct Wiring<'a> {
     stats: &'a Arc<Stats>,
     spool_stats: &'a Arc<SpoolStats>,
     stop: &'a CancellationToken,
+    /// Live with `[clock] gps`: the source's GPS time goes here, the clock watcher reads it.
+    gps: Option<Arc<std::sync::Mutex<crate::ops::gps_time::GpsJudge>>>,
 }
 
 /// The health tasks: status file, systemd supervisor, periodic stats line.
@@ -215,7 +230,10 @@ impl Wiring<'_> {
             upstream_done: upstream_done.clone(),
             spool_stats: self.spool_stats.clone(),
         };
-        let queue_cap = config.delivery.memory_batches as u64;
+        let queue_cap = QueueCap {
+            batches: config.delivery.memory_batches as u64,
+            bytes: config.delivery.memory_bytes.0,
+        };
         let config = config.clone();
         let stats = self.stats.clone();
         let stop = self.stop.clone();
@@ -279,12 +297,16 @@ impl Wiring<'_> {
             BatchOut::Spool(t, ..) => Some(t.clone()),
             BatchOut::Stdout(_) => None,
         };
+        let judge = ClockJudge {
+            source: clock_source,
+            gps: self.gps.clone(),
+            grid_step,
+        };
         tokio::spawn(watch_clock(
-            clock_source,
+            judge,
             clock,
             tx,
             spool_tx,
-            grid_step,
             config.clock.check_interval.0,
             self.stop.clone(),
         ));
@@ -305,6 +327,7 @@ impl Wiring<'_> {
         let stats = self.stats.clone();
         let start_error = |(key, message)| StartError { key, message };
         if let Some(replay) = replay {
+            let grid = crate::ops::clock::grid_step(config.sampling.rate_hz);
             let decoding = match config.source.kind {
                 SourceKind::Can => crate::source::can::Decoding::from_config(&config),
                 _ => crate::source::can::Decoding::for_simulator(&config),
@@ -313,7 +336,8 @@ impl Wiring<'_> {
             return Ok(tokio::spawn(async move {
                 let file = replay.file.display().to_string();
                 if let Err(e) =
-                    crate::source::replay::run(replay, decoding, stats.clone(), src_tx, stop).await
+                    crate::source::replay::run(replay, decoding, grid, stats.clone(), src_tx, stop)
+                        .await
                 {
                     tracing::error!("replay of {file}: {e}");
                     Stats::add(&stats.source_unusable, 1);
@@ -332,22 +356,32 @@ impl Wiring<'_> {
                 })
             }
             (SourceKind::Can, Timing::Live) => {
-                let decoding =
+                let mut decoding =
                     crate::source::can::Decoding::from_config(&config).map_err(start_error)?;
+                if let Some(judge) = &self.gps {
+                    decoding.set_gps_judge(judge.clone());
+                }
                 tokio::spawn(async move {
                     crate::source::can::run(&config, decoding, clock, src_tx, stats, stop).await
                 })
             }
             _ => {
-                let decoding =
+                let mut decoding =
                     crate::source::can::Decoding::for_simulator(&config).map_err(start_error)?;
+                if let (Some(judge), Timing::Live) = (&self.gps, timing) {
+                    decoding.set_gps_judge(judge.clone());
+                }
                 let encoder = crate::source::can::FrameEncoder::new(&config, &decoding);
                 // Live, the simulated car runs on the sampling clock like any other source.
                 let sim = match timing {
-                    Timing::Live => SimSettings {
-                        start: clock.now(),
-                        ..sim
-                    },
+                    Timing::Live => {
+                        let start = clock.now();
+                        SimSettings {
+                            start,
+                            utc_offset: sim.start - start,
+                            ..sim
+                        }
+                    }
                     Timing::Data => sim,
                 };
                 tokio::spawn(async move {
@@ -546,15 +580,15 @@ fn clock_source(config: &Config) -> ClockSource {
 /// and the spool converts those stamped on the boot clock; when it steps (NTP), timestamps
 /// follow the step in whole grid periods, so the grid of the readings goes on unbroken.
 async fn watch_clock(
-    source: ClockSource,
+    judge: ClockJudge,
     clock: LiveClock,
     tx: tokio::sync::watch::Sender<TimeBase>,
     spool: Option<std::sync::mpsc::Sender<Cmd>>,
-    grid_step: Micros,
     every: Duration,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut by_gps = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -562,40 +596,126 @@ async fn watch_clock(
         }
         let mut tb = *tx.borrow();
         let wall_minus_sampling = crate::ops::clock::wall_now_us() - clock.now();
-        if !tb.trusted {
-            if source.check() != crate::ops::clock::Verdict::Trusted {
-                continue;
-            }
-            tb.trusted = true;
-            tb.correction = crate::ops::clock::offset_on_grid(wall_minus_sampling, grid_step);
-            tracing::info!(
-                "wall clock trusted now: readings stamped on the boot clock are converted with an offset of {:.3} s",
-                tb.correction as f64 / 1e6
-            );
+        let moved = if by_gps {
+            judge.follow_gps(&mut tb, &mut by_gps, wall_minus_sampling)
+        } else if tb.trusted {
+            judge.follow_wall(&mut tb, wall_minus_sampling)
         } else {
-            let step = wall_minus_sampling - tb.correction;
-            if step.abs() <= grid_step / 2 {
-                continue;
-            }
-            let adjust = crate::ops::clock::offset_on_grid(step, grid_step);
-            tracing::warn!(
-                "wall clock stepped by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
-                step as f64 / 1e6,
-                adjust as f64 / 1e6
-            );
-            tb.correction += adjust;
+            judge.trust(&mut tb, &mut by_gps, wall_minus_sampling)
+        };
+        if !moved {
+            continue;
         }
         if let Some(spool) = &spool {
-            let boot_offset =
-                crate::ops::clock::offset_on_grid(crate::ops::clock::boot_to_utc_us(), grid_step);
+            let offset = if by_gps {
+                // UTC − boot = correction + (sampling clock − boot clock).
+                crate::ops::clock::offset_on_grid(
+                    tb.correction + clock.now() - crate::ops::clock::boot_now_us(),
+                    judge.grid_step,
+                )
+            } else {
+                crate::ops::clock::offset_on_grid(
+                    crate::ops::clock::boot_to_utc_us(),
+                    judge.grid_step,
+                )
+            };
             let _ = spool.send(Cmd::BootOffset {
                 boot_id: tb.boot_id,
-                offset: boot_offset,
+                offset,
             });
         }
         if tx.send(tb).is_err() {
             return;
         }
+    }
+}
+
+/// What the clock watcher believes: the wall clock's verdict, and GPS time when bound.
+struct ClockJudge {
+    source: ClockSource,
+    gps: Option<Arc<std::sync::Mutex<crate::ops::gps_time::GpsJudge>>>,
+    grid_step: Micros,
+}
+
+impl ClockJudge {
+    fn gps_offset(&self) -> Option<Micros> {
+        self.gps.as_ref()?.lock().ok()?.offset()
+    }
+
+    /// Untrusted so far: the wall clock, else GPS time, may make it trusted.
+    fn trust(&self, tb: &mut TimeBase, by_gps: &mut bool, wall_minus_sampling: Micros) -> bool {
+        if self.source.check() == crate::ops::clock::Verdict::Trusted {
+            tb.correction = crate::ops::clock::offset_on_grid(wall_minus_sampling, self.grid_step);
+            tracing::info!(
+                "wall clock trusted now: readings stamped on the boot clock are converted with an offset of {:.3} s",
+                tb.correction as f64 / 1e6
+            );
+        } else if let Some(offset) = self.gps_offset() {
+            tb.correction = crate::ops::clock::offset_on_grid(offset, self.grid_step);
+            *by_gps = true;
+            tracing::info!(
+                "clock trusted from GPS time: readings stamped on the boot clock are converted with an offset of {:.3} s (the wall clock is {:+.3} s from GPS time)",
+                tb.correction as f64 / 1e6,
+                (wall_minus_sampling - offset) as f64 / 1e6
+            );
+        } else {
+            return false;
+        }
+        tb.trusted = true;
+        true
+    }
+
+    /// Trusted by the wall clock: timestamps follow its steps (NTP), the grid goes on.
+    fn follow_wall(&self, tb: &mut TimeBase, wall_minus_sampling: Micros) -> bool {
+        let step = wall_minus_sampling - tb.correction;
+        if step.abs() <= self.grid_step / 2 {
+            return false;
+        }
+        let adjust = crate::ops::clock::offset_on_grid(step, self.grid_step);
+        tracing::warn!(
+            "wall clock stepped by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
+            step as f64 / 1e6,
+            adjust as f64 / 1e6
+        );
+        tb.correction += adjust;
+        true
+    }
+
+    /// Trusted by GPS time: a wall clock trusted later takes over; until then timestamps
+    /// follow GPS time when it moves by more than one and a half ticks (the boot clock's
+    /// drift, a receiver's new fix), not its jitter.
+    fn follow_gps(
+        &self,
+        tb: &mut TimeBase,
+        by_gps: &mut bool,
+        wall_minus_sampling: Micros,
+    ) -> bool {
+        if self.source.check() == crate::ops::clock::Verdict::Trusted {
+            *by_gps = false;
+            let wall = crate::ops::clock::offset_on_grid(wall_minus_sampling, self.grid_step);
+            tracing::info!(
+                "wall clock trusted now: it takes over from GPS time ({:+.3} s from it)",
+                (wall - tb.correction) as f64 / 1e6
+            );
+            let moved = wall != tb.correction;
+            tb.correction = wall;
+            return moved;
+        }
+        let Some(offset) = self.gps_offset() else {
+            return false;
+        };
+        let step = offset - tb.correction;
+        if step.abs() < self.grid_step + self.grid_step / 2 {
+            return false;
+        }
+        let adjust = crate::ops::clock::offset_on_grid(step, self.grid_step);
+        tracing::warn!(
+            "GPS time moved by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
+            step as f64 / 1e6,
+            adjust as f64 / 1e6
+        );
+        tb.correction += adjust;
+        true
     }
 }
 
@@ -762,35 +882,42 @@ async fn batch_readings(
 
 /// Hands a batch on: to the spool (never blocks: sampling must not wait for a disk; if the
 /// spool thread is stuck in a hung disk, the batch is dropped and counted once its queue
-/// is full), or to stdout (waits: printing is the whole point).
+/// is full, by batches or by bytes), or to stdout (waits: printing is the whole point).
 async fn emit(out: &BatchOut, b: Batch, timing: Timing, stats: &Stats) -> bool {
     Stats::add(&stats.batches, 1);
     match out {
         BatchOut::Stdout(tx) => tx.send(b).await.is_ok(),
         BatchOut::Spool(tx, spool, cap) => {
+            use std::sync::atomic::Ordering::Relaxed;
+            let cost = spool::service::memory_cost(&b) as u64;
             let queued = || {
-                spool
-                    .queued_appends
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                (
+                    spool.queued_appends.load(Relaxed),
+                    spool.queued_append_bytes.load(Relaxed),
+                )
+            };
+            // An empty queue always takes one (`memory_bytes` is at least two of the largest).
+            let full = |(n, bytes): (u64, u64)| {
+                n >= cap.batches || (bytes > 0 && bytes + cost > cap.bytes)
             };
             // Simulation and replay run on their own clock: they wait instead.
-            while timing == Timing::Data && queued() >= *cap {
+            while timing == Timing::Data && full(queued()) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            let queued = queued();
-            if queued >= *cap {
+            let (n, bytes) = queued();
+            if full((n, bytes)) {
                 if Stats::get(&stats.batches_dropped) == 0 {
                     tracing::error!(
-                        "the spool thread has taken no batch for {queued} batches (a hung disk?): dropping new readings"
+                        "the spool thread has taken none of the last {n} batch(es), {bytes} bytes (a hung disk?): dropping new readings while its queue is at its bound (delivery.memory_batches = {}, delivery.memory_bytes = {})",
+                        cap.batches,
+                        cap.bytes
                     );
                 }
                 Stats::add(&stats.batches_dropped, 1);
                 Stats::add(&stats.readings_dropped, b.len() as u64);
                 return true;
             }
-            spool
-                .queued_appends
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            spool.put_queued(&b);
             tx.send(Cmd::Append(b)).is_ok()
         }
     }

@@ -26,9 +26,9 @@
 //! its time from NTP: the shipped `clock.trust = "synced"` is what is tested.
 //!
 //! Run by `scripts/ci-ecu.sh` (which installs what is needed and finds the .deb), as root:
-//! `cargo test --features test-hooks --test ecu_vm -- --ignored --nocapture`. Ignored in the
-//! plain test run only because it needs the arm64 .deb that `scripts/ci-package.sh`
-//! builds and about 6 minutes; it never skips: without the package, root, QEMU or the
+//! `cargo test --features test-hooks --test ecu_vm -- --nocapture --exact ecu_in_a_box`. Not
+//! in the plain test run (`test = false` in Cargo.toml) only because it needs the arm64 .deb
+//! that `scripts/ci-package.sh` builds and about 6 minutes; it never skips: without the package, root, QEMU or the
 //! image it fails and says how to get them. Env: `ECU_VM_ARCH` (arm64, or amd64),
 //! `REDLINE_DEB_DIR` (default target/debian), `ECU_VM_KEEP` (keep the work dir).
 
@@ -876,7 +876,6 @@ systemctl status --no-pager redline-agent | head -n 12
 exit $rc"#;
 
 #[test]
-#[ignore = "boots the target in QEMU (about 6 minutes): run by scripts/ci-ecu.sh, after scripts/ci-package.sh"]
 fn ecu_in_a_box() {
     let arch = std::env::var("ECU_VM_ARCH").unwrap_or_else(|_| "arm64".to_owned());
     let t_all = Instant::now();
@@ -1722,7 +1721,6 @@ journalctl -k -o cat --no-pager | grep 'type=1326' || true"#,
 /// installs the package, starts the service, drives vcan0 with the simulated car for 30 s
 /// and prints each reading as it arrives at the broker on this machine.
 #[test]
-#[ignore = "an interactive demo: scripts/ecu-vm.sh demo"]
 fn try_it_on_a_virtual_ecu() {
     let arch = std::env::var("ECU_VM_ARCH").unwrap_or_else(|_| "arm64".to_owned());
     let secs: u64 = std::env::var("ECU_VM_DEMO_SECS")

@@ -28,7 +28,8 @@ pub struct Delivery {
     /// `memory_bytes`, whichever is reached first; also the most batches waiting for a
     /// hung disk).
     pub memory_batches: usize,
-    /// Bytes of batches kept in memory while the spool cannot be written.
+    /// Bytes of batches kept in memory while the spool cannot be written; also the most
+    /// bytes waiting for a hung disk.
     pub memory_bytes: Size,
     pub order: Order,
     /// 0: no limit (a local broker). AWS IoT allows 100 per connection.

@@ -12,7 +12,7 @@ mod status;
 mod vehicle;
 
 pub use batch::{AWS_MAX_PAYLOAD, Batch, MAX_RECORDS_PER_MESSAGE, PayloadMode};
-pub use clock::{Clock, Trust};
+pub use clock::{Clock, GpsDateTime, GpsSignals, Trust};
 pub use delivery::{DEFAULT_MEMORY_BYTES, Delivery, Order};
 pub use fields::{FieldSpec, FieldType, default_fields};
 pub use mqtt::{AWS_MAX_INFLIGHT, BASIC_INGEST_PREFIX, Mqtt, expand_topic, telemetry_topic};
@@ -208,6 +208,7 @@ impl Config {
         }
         self.status.validate_messages(&self.vehicle.id)?;
         self.clock.validate()?;
+        self.clock.validate_gps(self.source.kind)?;
         self.status.validate_file()?;
         self.delivery.validate(&self.batch)?;
         if let Some(sp) = &self.spool {
@@ -295,6 +296,47 @@ mod tests {
             ]
         );
         assert_eq!(c.vehicle.session_id, "auto");
+    }
+
+    #[test]
+    fn gps_time_bindings_are_checked() {
+        let base = "[vehicle]\nid = \"x\"\n";
+        let c = parse(&format!("{base}[clock]\ngps = \"GpsTime.UtcTime\"\n")).expect("valid");
+        assert_eq!(
+            c.clock.gps,
+            Some(GpsSignals::UtcSeconds("GpsTime.UtcTime".into()))
+        );
+        let c = parse(&format!(
+            "{base}[clock]\ngps_valid = \"GpsStatus.Fix\"\n[clock.gps]\nyear = \"D.Y\"\nmonth = \"D.M\"\nday = \"D.D\"\nhour = \"T.H\"\nminute = \"T.M\"\nsecond = \"T.S\"\n"
+        ))
+        .expect("valid date/time set");
+        let parts = c
+            .clock
+            .gps
+            .as_ref()
+            .map(GpsSignals::parts)
+            .unwrap_or_default();
+        assert_eq!(parts.len(), 6);
+        assert_eq!(parts[5].0, "clock.gps.second");
+        for (extra, key) in [
+            ("[clock]\ngps = \"UtcTime\"\n", "clock.gps"),
+            ("[clock]\ngps_valid = \"G.Fix\"\n", "clock.gps_valid"),
+            (
+                "[clock]\ngps = \"G.T\"\ngps_valid = \"Fix\"\n",
+                "clock.gps_valid",
+            ),
+            (
+                "[clock.gps]\nyear = \"D.Y\"\nmonth = \"D.M\"\nday = \"D.D\"\nhour = \"T.H\"\nminute = \"T.M\"\nsecond = \"S\"\n",
+                "clock.gps.second",
+            ),
+            (
+                "[source]\nkind = \"serial\"\ndevice = \"/dev/ttyUSB0\"\nformat = \"kv\"\n[clock]\ngps = \"G.T\"\n",
+                "clock.gps",
+            ),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -157,6 +157,11 @@ fn spool_json(s: &SpoolStats) -> Value {
         "memory_batches": g(&s.memory_batches),
         "memory_bytes": g(&s.memory_bytes),
         "memory_limit_bytes": g(&s.memory_limit_bytes),
+        // Batches the spool thread has not taken yet (a hung disk), their bytes
+        // (bounded by `memory_limit_bytes`) and the most they have been.
+        "queued_batches": g(&s.queued_appends),
+        "queued_bytes": g(&s.queued_append_bytes),
+        "queued_peak_bytes": g(&s.queued_append_peak_bytes),
         "written_from_memory_batches": g(&s.written_from_memory_batches),
         "read_retries": g(&s.read_retries),
         "read_failures": g(&s.read_failures),
@@ -291,6 +296,13 @@ fn render_spool(v: &Value, out: &mut String) {
             ));
         } else if n("/spool/memory_batches") > 0 {
             out.push_str(&format!("spool:    writable; {memory}\n"));
+        }
+        if n("/spool/queued_batches") > 0 {
+            out.push_str(&format!(
+                "          {} batch(es), {} bytes waiting for the spool thread (a hung disk?)\n",
+                n("/spool/queued_batches"),
+                n("/spool/queued_bytes")
+            ));
         }
     }
 }

@@ -8,13 +8,14 @@
 
 use crate::config::{Config, Convert, SignalBinding, SourceKind, split_signal};
 use crate::ops::clock::LiveClock;
+use crate::ops::gps_time::{GpsAssembler, GpsJudge, Part};
 use crate::ops::stats::Stats;
 use crate::sample::signal::{Micros, SignalUpdate, SourceEvent};
 use crate::source::dbc::{Dbc, Decoder, SignalRef};
 use crate::source::reopen::Reopen;
 use crate::source::simulator::Sensor;
 use socketcan::{CanAnyFrame, CanFilter, EmbeddedFrame, Frame, SocketOptions};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,31 @@ pub struct Decoding {
     /// (field, signal) for every binding, for the encoder of the simulated car.
     bound: Vec<(usize, SignalRef, Option<Convert>)>,
     scratch: Vec<(usize, f64)>,
+    /// Record fields; decoder outputs from here on are parts of the GPS time.
+    fields: usize,
+    gps: Option<GpsFeed>,
+}
+
+/// The GPS time signals (`[clock] gps`): decoded like fields, then judged as a clock.
+struct GpsFeed {
+    /// Decoder output `fields + k` is part `parts[k].1` of the time.
+    parts: Vec<(SignalRef, Part)>,
+    assembler: GpsAssembler,
+    judge: Arc<Mutex<GpsJudge>>,
+}
+
+impl GpsFeed {
+    /// Decoder output `fields + k` of a frame heard at `at`.
+    fn offer(&mut self, k: usize, value: f64, at: Micros) {
+        let Some(&(_, part)) = self.parts.get(k) else {
+            return;
+        };
+        if let Some(sample) = self.assembler.offer(part, value, at)
+            && let Ok(mut judge) = self.judge.lock()
+        {
+            judge.offer(sample);
+        }
+    }
 }
 
 impl Decoding {
@@ -106,6 +132,35 @@ impl Decoding {
             convert[index] = binding.convert();
             bound.push((index, r, binding.convert()));
         }
+        let fields = config.fields.len();
+        let mut gps = None;
+        if let Some(signals) = &config.clock.gps {
+            let mut parts = signals.parts();
+            if let Some(v) = &config.clock.gps_valid {
+                parts.push(("clock.gps_valid".into(), v, Part::Valid));
+            }
+            let mut bound_parts = Vec::new();
+            for (key, signal, part) in parts {
+                let (message, name) = split_signal(signal).ok_or_else(|| {
+                    (
+                        key.clone(),
+                        format!("expected \"Message.Signal\", got {signal:?}"),
+                    )
+                })?;
+                let r = dbc
+                    .signal(message, name)
+                    .map_err(|e| (key.clone(), format!("{e} in {dbc_name}")))?;
+                refs.push((r, fields + bound_parts.len()));
+                bound_parts.push((r, part));
+            }
+            gps = Some(GpsFeed {
+                parts: bound_parts,
+                assembler: GpsAssembler::new(config.clock.gps_valid.is_some()),
+                judge: Arc::new(Mutex::new(GpsJudge::new(
+                    crate::ops::clock::build_floor_us(),
+                ))),
+            });
+        }
         let decoder =
             Decoder::new(dbc, &refs).map_err(|e| ("source.signals".to_string(), e.to_string()))?;
         Ok(Self {
@@ -113,7 +168,21 @@ impl Decoding {
             convert,
             bound,
             scratch: Vec::with_capacity(16),
+            fields,
+            gps,
         })
+    }
+
+    /// The judge the GPS time goes to (None without `[clock] gps`).
+    pub fn gps_judge(&self) -> Option<Arc<Mutex<GpsJudge>>> {
+        self.gps.as_ref().map(|g| g.judge.clone())
+    }
+
+    /// Sends the GPS time to `judge` (the live clock watcher's) instead of this decoding's own.
+    pub fn set_gps_judge(&mut self, judge: Arc<Mutex<GpsJudge>>) {
+        if let Some(g) = &mut self.gps {
+            g.judge = judge;
+        }
     }
 
     /// Kernel receive filters: exactly the identifiers that carry bound signals.
@@ -149,6 +218,12 @@ impl Decoding {
             return;
         }
         for &(field, value) in &self.scratch {
+            if field >= self.fields {
+                if let Some(gps) = &mut self.gps {
+                    gps.offer(field - self.fields, value, at);
+                }
+                continue;
+            }
             let value = match self.convert.get(field).copied().flatten() {
                 Some(c) => c.apply(value),
                 None => value,
@@ -175,6 +250,8 @@ pub struct FrameEncoder {
     /// Per field: (message name, signal name, conversion).
     signal_of: Vec<Option<(String, String, Option<Convert>)>>,
     latest: Vec<Option<f64>>,
+    /// The GPS receiver's signals: (message, signal, part of the time).
+    gps: Vec<(String, String, Part)>,
 }
 
 /// One CAN frame: identifier and payload.
@@ -206,12 +283,70 @@ impl FrameEncoder {
             .filter_map(|&s| config.fields.get_index_of(s.name()).map(|f| (s, f)))
             .filter(|(_, f)| signal_of[*f].is_some())
             .collect();
+        let gps = decoding
+            .gps
+            .iter()
+            .flat_map(|g| &g.parts)
+            .filter_map(|&(r, part)| {
+                let (m, s) = dbc.resolve(r).ok()?;
+                Some((m.name.clone(), s.name.clone(), part))
+            })
+            .collect();
         Self {
             dbc,
             sensor_field,
             signal_of,
             latest: vec![None; config.fields.len()],
+            gps,
         }
+    }
+
+    /// The frames of a GPS receiver with a valid fix at `utc`, heard at `at`.
+    pub fn gps_frames(&self, utc: Micros, at: Micros, out: &mut Vec<(Micros, RawFrame)>) {
+        let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(utc) * 1000) else {
+            return;
+        };
+        let value = |part: Part| match part {
+            Part::UtcSeconds => utc as f64 / 1e6,
+            Part::Year => f64::from(t.year()),
+            Part::Month => f64::from(u8::from(t.month())),
+            Part::Day => f64::from(t.day()),
+            Part::Hour => f64::from(t.hour()),
+            Part::Minute => f64::from(t.minute()),
+            Part::Second => f64::from(t.second()) + f64::from(t.microsecond()) / 1e6,
+            Part::Valid => 1.0,
+        };
+        let mut messages: Vec<&str> = self.gps.iter().map(|(m, _, _)| m.as_str()).collect();
+        messages.sort_unstable();
+        messages.dedup();
+        for message in messages {
+            let values: Vec<(&str, f64)> = self
+                .gps
+                .iter()
+                .filter(|(m, _, _)| m == message)
+                .map(|(_, s, part)| (s.as_str(), value(*part)))
+                .collect();
+            let Ok(msg) = self.dbc.message(message) else {
+                continue;
+            };
+            let mut data = [0u8; 64];
+            if let Ok(len) = self.dbc.encode(message, &values, &mut data) {
+                let (id, extended) = (msg.id.id, msg.id.extended);
+                out.push((
+                    at,
+                    RawFrame {
+                        id,
+                        extended,
+                        len,
+                        data,
+                    },
+                ));
+            }
+        }
+    }
+
+    pub fn has_gps(&self) -> bool {
+        !self.gps.is_empty()
     }
 
     /// Takes a new value of `sensor`; returns the message that carries it, if it is on the

@@ -25,14 +25,22 @@ pub struct Replay {
     pub interface: Option<String>,
 }
 
-/// Reads the log and sends its frames' values, paced on the log's clock.
+/// How far into the log (on its clock) GPS time is looked for.
+const GPS_SEARCH: Micros = 600_000_000;
+
+/// Reads the log and sends its frames' values, paced on the log's clock. With `[clock] gps`
+/// bound and GPS time in the log that disagrees with the log's clock (a logger without a
+/// battery-backed clock stamps 1970), every timestamp is moved onto GPS time, by a whole
+/// number of `grid_step`s so the sampling grid stays.
 pub async fn run(
     replay: Replay,
     mut decoding: Decoding,
+    grid_step: Micros,
     stats: Arc<Stats>,
     tx: mpsc::Sender<SourceEvent>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let shift = gps_shift(&replay, &mut decoding, grid_step).await?;
     let file = tokio::fs::File::open(&replay.file).await?;
     let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::with_capacity(256);
@@ -85,7 +93,8 @@ pub async fn run(
         used += 1;
         // The log's clock never runs backwards for the sampler (candump logs from several
         // interfaces can interleave out of order by microseconds).
-        let at = last.map_or(frame.time_us, |l| l.max(frame.time_us));
+        let time_us = frame.time_us + shift;
+        let at = last.map_or(time_us, |l| l.max(time_us));
         last = Some(at);
         if frame.remote {
             stats.source_error("remote_frame");
@@ -166,6 +175,77 @@ fn log_summary(
             .map_or(String::new(), |i| format!(" from {i}"))
     );
     holds
+}
+
+/// The whole number of `grid_step`s that puts the log's clock on GPS time: 0 without
+/// `[clock] gps`, without GPS time the judge believes in the log's first `GPS_SEARCH`, or
+/// when the log's clock already agrees with GPS time.
+async fn gps_shift(
+    replay: &Replay,
+    decoding: &mut Decoding,
+    grid_step: Micros,
+) -> std::io::Result<Micros> {
+    let Some(judge) = decoding.gps_judge() else {
+        return Ok(0);
+    };
+    let file = tokio::fs::File::open(&replay.file).await?;
+    let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, file);
+    let mut line = Vec::with_capacity(256);
+    let mut scratch = Vec::with_capacity(16);
+    // This pass only looks: its frames are counted by the replay itself.
+    let uncounted = Stats::default();
+    let mut first: Option<Micros> = None;
+    let mut offset = None;
+    while offset.is_none() {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            break;
+        }
+        let Ok(frame) = candump::parse_line(&line) else {
+            continue;
+        };
+        let wanted = replay
+            .interface
+            .as_deref()
+            .is_none_or(|i| i == frame.interface);
+        if !wanted || frame.remote {
+            continue;
+        }
+        if frame.time_us - *first.get_or_insert(frame.time_us) > GPS_SEARCH {
+            break;
+        }
+        decoding.decode(
+            frame.id,
+            frame.extended,
+            frame.data(),
+            frame.time_us,
+            &uncounted,
+            &mut scratch,
+        );
+        scratch.clear();
+        offset = judge.lock().ok().and_then(|j| j.offset());
+    }
+    let file = replay.file.display();
+    let Some(offset) = offset else {
+        tracing::warn!(
+            "{file}: no GPS time to believe in the log (clock.gps): its timestamps are kept"
+        );
+        return Ok(0);
+    };
+    if offset.abs() <= crate::ops::gps_time::AGREEMENT {
+        tracing::info!(
+            "{file}: the log's clock agrees with GPS time ({:+.3} s): its timestamps are kept",
+            offset as f64 / 1e6
+        );
+        return Ok(0);
+    }
+    let shift = crate::ops::clock::round_to(offset, grid_step);
+    tracing::info!(
+        "{file}: the log's clock is {:+.3} s from GPS time: timestamps moved by {:+.1} s onto it",
+        -offset as f64 / 1e6,
+        shift as f64 / 1e6
+    );
+    Ok(shift)
 }
 
 /// Why a log gave no value, and what to try.

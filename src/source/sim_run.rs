@@ -37,6 +37,29 @@ pub struct SimSettings {
     pub faults: bool,
     pub duration: Option<Duration>,
     pub speed: Speed,
+    /// UTC minus the simulated car's clock: its GPS receiver (when `[clock] gps` is bound)
+    /// reports this machine's wall clock even when the agent samples on the boot clock.
+    pub utc_offset: Micros,
+}
+
+/// How often the simulated GPS receiver sends its time.
+const GPS_EVERY: Micros = 100_000;
+
+/// The simulated GPS receiver's frames up to `now`.
+fn gps_frames(
+    encoder: &crate::source::can::FrameEncoder,
+    next: &mut Micros,
+    now: Micros,
+    utc_offset: Micros,
+    out: &mut Vec<(Micros, crate::source::can::RawFrame)>,
+) {
+    if !encoder.has_gps() {
+        return;
+    }
+    while *next <= now {
+        encoder.gps_frames(*next + utc_offset, *next, out);
+        *next += GPS_EVERY;
+    }
 }
 
 /// The simulated car's clock against the wall clock: where it ends, and how fast it runs.
@@ -108,6 +131,7 @@ pub async fn simulator(
     let mut pacer = Pacer::new(&settings);
     let end = pacer.end;
     let mut updates = Vec::new();
+    let mut next_gps = settings.start;
     if tx.send(SourceEvent::Clock(settings.start)).await.is_err() {
         return;
     }
@@ -122,6 +146,14 @@ pub async fn simulator(
         if let Some((encoder, decoding)) = &mut bus {
             frames.clear();
             encoder.step_frames(&updates, &mut frames);
+            let upto = end.map_or(now, |e| now.min(e - 1));
+            gps_frames(
+                encoder,
+                &mut next_gps,
+                upto,
+                settings.utc_offset,
+                &mut frames,
+            );
             for (at, f) in &frames {
                 decoding.decode(f.id, f.extended, f.data(), *at, &stats, &mut decoded);
             }
@@ -229,6 +261,7 @@ pub async fn emit_can(
     let mut updates = Vec::new();
     let mut frames = Vec::new();
     let mut sent = 0u64;
+    let mut next_gps = settings.start;
     while !stop.is_cancelled() {
         updates.clear();
         let now = sim.step(&mut updates);
@@ -237,6 +270,13 @@ pub async fn emit_can(
         }
         frames.clear();
         encoder.step_frames(&updates, &mut frames);
+        gps_frames(
+            &encoder,
+            &mut next_gps,
+            now,
+            settings.utc_offset,
+            &mut frames,
+        );
         for (_, f) in &frames {
             let id: Option<Id> = if f.extended {
                 ExtendedId::new(f.id).map(Id::Extended)

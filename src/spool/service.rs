@@ -117,6 +117,10 @@ pub struct SpoolStats {
     pub cap_dropped_held_batches: AtomicU64,
     /// Batches sent to the spool thread and not yet taken (grows only if the disk hangs).
     pub queued_appends: AtomicU64,
+    /// Their bytes ([`memory_cost`]): bounded by `delivery.memory_bytes`.
+    pub queued_append_bytes: AtomicU64,
+    /// The most `queued_append_bytes` has been since the start.
+    pub queued_append_peak_bytes: AtomicU64,
     /// Since when (wall clock, epoch ms) the spool cannot be written; 0: it can.
     pub fault_since_ms: AtomicU64,
     /// What the disk said, while `fault_since_ms` is set.
@@ -149,6 +153,27 @@ impl SpoolStats {
             g(&self.written_from_memory_batches),
             g(&self.memory_batches),
         )
+    }
+
+    /// A batch is queued for the spool thread (see `queued_appends`).
+    pub fn put_queued(&self, b: &Batch) {
+        self.queued_appends.fetch_add(1, Relaxed);
+        let cost = memory_cost(b) as u64;
+        let now = self.queued_append_bytes.fetch_add(cost, Relaxed) + cost;
+        self.queued_append_peak_bytes.fetch_max(now, Relaxed);
+    }
+
+    /// The spool thread took a queued batch. Saturating: a caller may count batches
+    /// without their bytes.
+    pub fn take_queued(&self, b: &Batch) {
+        let cost = memory_cost(b) as u64;
+        let less = |n: u64, by: u64| Some(n.saturating_sub(by));
+        let _ = self
+            .queued_appends
+            .fetch_update(Relaxed, Relaxed, |n| less(n, 1));
+        let _ = self
+            .queued_append_bytes
+            .fetch_update(Relaxed, Relaxed, |n| less(n, cost));
     }
 
     /// The disk fault, if the spool cannot be written now: (since, epoch ms; the error).
@@ -478,7 +503,7 @@ impl Service {
             };
             match cmds.recv_timeout(wait) {
                 Ok(Cmd::Append(b)) => {
-                    self.spool_stats.queued_appends.fetch_sub(1, Relaxed);
+                    self.spool_stats.take_queued(&b);
                     self.append(b)
                 }
                 Ok(Cmd::Ack(seq)) => self.ack(seq),
