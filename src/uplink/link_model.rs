@@ -32,6 +32,10 @@ pub const BACKLOG_QUEUE: Duration = Duration::from_millis(500);
 pub const LIVE_QUEUE: Duration = Duration::from_secs(2);
 /// A backlog message is sized to this much link time.
 pub const MESSAGE_TIME: Duration = Duration::from_millis(500);
+/// The backlog's bytes in flight never exceed this, however fast the link: each byte in
+/// flight is held in memory (the message, rumqttc's copy), and 1 MiB already fills a
+/// 20 MB/s link with a 50 ms round trip, far beyond a car's uplink.
+pub const MAX_BACKLOG_WINDOW: u64 = 1 << 20;
 
 /// What the model remembers of a message until its acknowledgement.
 #[derive(Debug, Clone, Copy)]
@@ -150,6 +154,7 @@ impl LinkModel {
     /// bandwidth-delay product plus half a second of queue.
     pub fn backlog_window(&self) -> u64 {
         self.bytes_in(self.rtt() + BACKLOG_QUEUE)
+            .min(MAX_BACKLOG_WINDOW)
     }
 
     /// Live and status messages may be handed over while fewer bytes than this are in
