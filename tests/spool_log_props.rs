@@ -240,6 +240,10 @@ proptest! {
                     }
                 }
             }
+            // The guarantee in one statement, after every step (see `SpoolLog::base_invariant`).
+            if let Err(e) = log.base_invariant() {
+                prop_assert!(false, "after {:?}: {}", op, e);
+            }
         }
         // Drain: everything appended, not acknowledged, not torn away, not already out,
         // comes back exactly once.

@@ -788,6 +788,38 @@ impl SpoolLog {
         w.max(self.base)
     }
 
+    /// The delivery guarantee in one statement. Segments are deleted only below `base`, and
+    /// `base` never passes a batch that may still need delivering: one the cursor has not
+    /// read past (`cursor.floor`), or one handed out and not acknowledged (`outstanding`).
+    /// (The cap takes what it drops out of `outstanding` first, counted as a loss.)
+    /// Checked whenever `base` moves in debug builds, and after every step of the
+    /// property test (`tests/spool_log_props.rs`).
+    pub fn base_invariant(&self) -> Result<(), String> {
+        if self.base > self.cursor.floor {
+            return Err(format!(
+                "base {} passes the cursor's floor {}: unread batches may be deleted",
+                self.base, self.cursor.floor
+            ));
+        }
+        if let Some(&seq) = self.outstanding.keys().next()
+            && seq < self.base
+        {
+            return Err(format!(
+                "base {} passes batch {seq}, handed out and not acknowledged",
+                self.base
+            ));
+        }
+        Ok(())
+    }
+
+    fn debug_check_base(&self) {
+        if cfg!(debug_assertions)
+            && let Err(e) = self.base_invariant()
+        {
+            panic!("spool invariant broken: {e}");
+        }
+    }
+
     /// The broker acknowledged batch `seq`.
     pub fn ack(&mut self, seq: u64) -> io::Result<()> {
         if let Some((n, _)) = self.outstanding.remove(&seq) {
@@ -812,6 +844,7 @@ impl SpoolLog {
         let w = self.done_below();
         if w > self.base {
             self.base = w;
+            self.debug_check_base();
             self.acked.retain_from(w);
             self.delete_done_segments()?;
         }
@@ -930,6 +963,7 @@ impl SpoolLog {
             self.cursor.floor = self.cursor.floor.max(next_first);
             self.outstanding = self.outstanding.split_off(&next_first);
             self.base = self.base.max(next_first.min(self.done_below()));
+            self.debug_check_base();
             self.forget_unmarked(s.first);
             removed += 1;
             if let Err(e) = fs::remove_file(&s.path).or_else(ignore_not_found) {
