@@ -16,6 +16,8 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v strace >/dev/null || need_pkgs+=(strace)
 command -v mkfs.ext2 >/dev/null && command -v chattr >/dev/null || need_pkgs+=(e2fsprogs)
 command -v losetup >/dev/null || need_pkgs+=(mount)
+# fsfreeze: tests/spool_hung_disk.rs hangs the spool's disk (a loop device's ext4).
+command -v fsfreeze >/dev/null || need_pkgs+=(util-linux)
 # libfaketime: tests/clock_real.rs sets the agent's wall clock before the build date.
 compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || need_pkgs+=(faketime)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
