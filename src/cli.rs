@@ -433,7 +433,7 @@ fn execute_with(
         || config.status.file.as_os_str() != crate::config::DEFAULT_STATUS_FILE)
         .then(|| config.status.file.clone());
     // `_temporary` (a spool of its own for `simulate`) lives as long as the run.
-    let (spool, _temporary) = match spool_for(&config, timing) {
+    let (spool, temporary) = match spool_for(&config, timing) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -448,6 +448,7 @@ fn execute_with(
             segment_bytes: spool.segment_bytes.0,
             max_bytes: spool.max_bytes.0,
         },
+        spool_is_temporary: temporary.is_some(),
         replay,
         status_file,
     };

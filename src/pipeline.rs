@@ -42,6 +42,8 @@ pub struct Plan {
     pub sim: SimSettings,
     /// Where the spool lives (publishing only).
     pub spool: spool::Options,
+    /// The spool is this run's own and goes with it (`simulate` without `[spool]`).
+    pub spool_is_temporary: bool,
     /// A candump log to replay instead of the configured source.
     pub replay: Option<crate::source::replay::Replay>,
     /// Where the local status snapshot goes (none: not written).
@@ -90,6 +92,7 @@ pub async fn run(
         sink,
         sim,
         spool: spool_opts,
+        spool_is_temporary,
         replay,
         status_file,
     } = plan;
@@ -115,7 +118,9 @@ pub async fn run(
     // that is full, read-only or failing does not: the spool thread runs from memory and
     // takes the spool up when the disk allows (see `spool::service`).
     let (out, delivery) = match sink {
-        Sink::Mqtt => wiring.start_publishing(&spool_opts, &meta, &upstream_done)?,
+        Sink::Mqtt => {
+            wiring.start_publishing(&spool_opts, spool_is_temporary, &meta, &upstream_done)?
+        }
         Sink::Stdout => {
             let (batch_tx, batch_rx) = mpsc::channel::<Batch>(8);
             let printer = tokio::spawn(stdout_sink(batch_rx, config.batch.payload));
@@ -208,6 +213,7 @@ impl Wiring<'_> {
     fn start_publishing(
         &self,
         spool_opts: &spool::Options,
+        temporary: bool,
         meta: &crate::ops::health::Meta,
         upstream_done: &CancellationToken,
     ) -> Result<(BatchOut, Delivery), StartError> {
@@ -215,7 +221,7 @@ impl Wiring<'_> {
         let settings = publisher_settings(config, meta)?;
         let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
         let (thread, channels) = spool::service::start(
-            spool_settings(config, spool_opts),
+            spool_settings(config, spool_opts, temporary),
             cmd_rx,
             self.spool_stats.clone(),
         )
@@ -502,7 +508,7 @@ fn publisher_settings(
     })
 }
 
-fn spool_settings(config: &Config, opts: &spool::Options) -> spool::Settings {
+fn spool_settings(config: &Config, opts: &spool::Options, temporary: bool) -> spool::Settings {
     let sync_interval = match config.spool.as_ref().map(|s| s.sync_interval) {
         Some(SyncInterval::Always) => None,
         Some(SyncInterval::Every(d)) => Some(d.0),
@@ -516,6 +522,7 @@ fn spool_settings(config: &Config, opts: &spool::Options) -> spool::Settings {
         max_payload: config.batch.max_bytes.0 as usize,
         memory_batches: config.delivery.memory_batches,
         memory_bytes: usize::try_from(config.delivery.memory_bytes.0).unwrap_or(usize::MAX),
+        temporary,
     }
 }
 

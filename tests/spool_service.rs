@@ -60,6 +60,7 @@ pub fn settings(o: Options) -> Settings {
         max_payload: 128 * 1024,
         memory_batches: 3600,
         memory_bytes: 8 << 20,
+        temporary: false,
     }
 }
 

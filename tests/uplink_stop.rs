@@ -95,3 +95,57 @@ fn sigterm_publishes_the_last_batch_and_exits_without_waiting_out_the_timeout() 
         stats.text
     );
 }
+
+/// `simulate` without `[spool]` runs on a spool of its own that goes with it: when the
+/// broker is unreachable, what was not delivered is said to go with that spool (never
+/// "kept for the next start"), and the run exits 3 (undelivered).
+#[test]
+fn simulate_without_a_spool_table_says_its_undelivered_batches_go_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::generate(dir.path(), support::VEHICLE_ID);
+    // A port nothing listens on: bind one, learn it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let spec = ConfigSpec {
+        port,
+        ca: &pki.ca,
+        cert: &pki.client_cert,
+        key: &pki.client_key,
+        payload: "records",
+    };
+    let mut config = spec.render();
+    config.push_str("\n[delivery]\nshutdown_timeout = \"1s\"\n");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = support::run_agent(
+        &[
+            "simulate",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--duration",
+            "3s",
+            "--speed",
+            "max",
+        ],
+        Duration::from_secs(60),
+    );
+    let log = &out.stderr;
+    assert_eq!(
+        out.code(),
+        Some(3),
+        "undelivered: exit 3\n{}",
+        tail(log, 3000)
+    );
+    assert!(
+        log.contains("go with this run's temporary spool"),
+        "it says the batches go with the temporary spool:\n{}",
+        tail(log, 3000)
+    );
+    assert!(
+        !log.contains("for the next start"),
+        "a temporary spool keeps nothing for a next start:\n{}",
+        tail(log, 3000)
+    );
+}

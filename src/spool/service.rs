@@ -84,6 +84,9 @@ pub struct Settings {
     pub memory_batches: usize,
     /// The most bytes (records, see [`memory_cost`]) the memory buffer holds.
     pub memory_bytes: usize,
+    /// The spool is the run's own and is removed with it (`simulate` without `[spool]`):
+    /// nothing is kept for a next start.
+    pub temporary: bool,
 }
 
 /// Counters of the spool, shared with the health reporting.
@@ -591,7 +594,11 @@ impl Service {
         if let Err(e) = log.close() {
             tracing::error!("spool: final sync failed: {e}");
         }
-        if unacked > 0 {
+        if unacked > 0 && self.settings.temporary {
+            tracing::warn!(
+                "{unacked} unacknowledged batch(es), {bytes} bytes, go with this run's temporary spool (simulate without [spool]; a [spool] table keeps them for the next run)"
+            );
+        } else if unacked > 0 {
             tracing::info!(
                 "spool keeps {unacked} unacknowledged batch(es), {bytes} bytes, for the next start"
             );
