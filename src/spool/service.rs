@@ -34,6 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// Commands taken in one turn of the spool thread's loop, at most.
+const COMMANDS_PER_TURN: usize = 4096;
+
 /// Sequence numbers of batches kept in memory start here, far above any the disk log gives
 /// out: an acknowledgement tells at once whether it names a batch on disk or in memory.
 const MEMORY_SEQ_BASE: u64 = 1 << 62;
@@ -504,35 +507,30 @@ impl Service {
             } else {
                 wait
             };
-            match cmds.recv_timeout(wait) {
-                Ok(Cmd::Append(b)) => {
-                    self.spool_stats.take_queued(&b);
-                    self.append(b)
-                }
-                Ok(Cmd::Ack(seq)) => self.ack(seq),
-                Ok(Cmd::Wake) => {}
-                Ok(Cmd::UpstreamDone) => {
-                    self.upstream_open = false;
-                    // No new batch will come: closing the live channel (once the memory
-                    // buffer is handed out) tells the publisher the last one is in.
-                    if self.memory_handed_out() {
-                        self.live_tx = None;
+            // Every command waiting is taken before the next turn's work (hand-out, stats):
+            // a turn per acknowledgement would let the publisher, acknowledging a fast
+            // link's messages, run ahead of this thread by thousands of batches.
+            let mut next = Some(cmds.recv_timeout(wait));
+            let mut taken = 0;
+            while let Some(received) = next.take() {
+                match received {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(RecvTimeoutError::Timeout) => {
+                        if self.scanning
+                            && let Some(log) = &mut self.log
+                        {
+                            self.scanning = log.scan_step();
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.finish();
+                        return;
                     }
                 }
-                Ok(Cmd::BootOffset { boot_id, offset }) => {
-                    if let Err(e) = self.boots.set(boot_id, offset) {
-                        tracing::warn!("spool: cannot record the clock offset of this boot: {e}");
-                    }
-                    self.queue_releases();
+                taken += 1;
+                if taken < COMMANDS_PER_TURN {
+                    next = cmds.try_recv().ok().map(Ok);
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.scanning
-                        && let Some(log) = &mut self.log
-                    {
-                        self.scanning = log.scan_step();
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
             }
             if self
                 .settings
@@ -542,7 +540,31 @@ impl Service {
                 self.sync();
             }
         }
-        self.finish();
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Append(b) => {
+                self.spool_stats.take_queued(&b);
+                self.append(b)
+            }
+            Cmd::Ack(seq) => self.ack(seq),
+            Cmd::Wake => {}
+            Cmd::UpstreamDone => {
+                self.upstream_open = false;
+                // No new batch will come: closing the live channel (once the memory
+                // buffer is handed out) tells the publisher the last one is in.
+                if self.memory_handed_out() {
+                    self.live_tx = None;
+                }
+            }
+            Cmd::BootOffset { boot_id, offset } => {
+                if let Err(e) = self.boots.set(boot_id, offset) {
+                    tracing::warn!("spool: cannot record the clock offset of this boot: {e}");
+                }
+                self.queue_releases();
+            }
+        }
     }
 
     /// The end: what memory still holds goes to the disk if it can; what cannot is lost,
