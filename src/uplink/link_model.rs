@@ -33,9 +33,9 @@ pub const LIVE_QUEUE: Duration = Duration::from_secs(2);
 /// A backlog message is sized to this much link time.
 pub const MESSAGE_TIME: Duration = Duration::from_millis(500);
 /// The backlog's bytes in flight never exceed this, however fast the link: each byte in
-/// flight is held in memory (the message, rumqttc's copy), and 1 MiB already fills a
-/// 20 MB/s link with a 50 ms round trip, far beyond a car's uplink.
-pub const MAX_BACKLOG_WINDOW: u64 = 1 << 20;
+/// flight is held in memory (the message, rumqttc's copy), and 512 KiB already fills a
+/// 10 MB/s link with a 50 ms round trip, beyond a car's uplink.
+pub const MAX_BACKLOG_WINDOW: u64 = 512 << 10;
 
 /// What the model remembers of a message until its acknowledgement.
 #[derive(Debug, Clone, Copy)]
