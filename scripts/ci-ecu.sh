@@ -6,8 +6,9 @@
 # service scenarios against a real Mosquitto with mutual TLS on this machine (10.0.2.2 in
 # the guest): READY and STATUS, readings from vcan0 in the documented schema, the sandbox
 # (exposure, LoadCredential, no SECCOMP/EPERM, a strict-filter pass), TLS reconnect,
-# watchdog, kill -9, upgrade, power cut with a wrong RTC, the CPU cost on a live bus, and a
-# clean stop. It prints the time of each scenario and the measured figures.
+# watchdog, kill -9, upgrade, power cut with a wrong RTC, a garage boot on GPS time from the
+# CAN bus without NTP, the CPU cost on a live bus, and a clean stop. It prints the time of
+# each scenario and the measured figures.
 #
 # Usage: scripts/ci-ecu.sh             as root on Debian 12, after scripts/ci-aarch64.sh and
 #                                      scripts/ci-package.sh (they build the arm64 .deb)

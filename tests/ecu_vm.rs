@@ -18,17 +18,22 @@
 //!  7. watchdog (SIGSTOP), 8. crash (kill -9), 9. upgrade (the package over itself while
 //!     running), 10. power cut (QEMU killed with a backlog, booted again with a wrong RTC,
 //!     the backlog re-sent, the readings of the untrusted clock held until
-//!     `timedatectl set-ntp true`), 11. CPU cost on a live 2,000 frames/s bus next to
-//!     `candump`, 12. clean stop; then the whole journal: no SECCOMP audit, no EPERM/EACCES.
+//!     `timedatectl set-ntp true`), 11. garage boot: GPS time, no NTP (`clock.gps` bound,
+//!     NTP off, a power cut and a wrong RTC; `simulate --can vcan0` with its GPS receiver
+//!     on the true time: the clock trusted from GPS time, the readings held before it and
+//!     the live ones at the broker on the true time; NTP back takes over), 12. CPU cost on
+//!     a live 2,000 frames/s bus next to `candump`, 13. clean stop; then the whole
+//!     journal: no SECCOMP audit, no EPERM/EACCES.
 //!
 //! The clock in the VM comes from systemd-timesyncd, synchronised from an SNTP responder
 //! this test runs on 127.0.0.1:123 (the host is 10.0.2.2 in the guest), as a car takes
-//! its time from NTP: the shipped `clock.trust = "synced"` is what is tested.
+//! its time from NTP: the shipped `clock.trust = "synced"` is what is tested; in the
+//! garage boot (11) NTP is off and the time comes from GPS time on the CAN bus.
 //!
 //! Run by `scripts/ci-ecu.sh` (which installs what is needed and finds the .deb), as root:
 //! `cargo test --features test-hooks --test ecu_vm -- --nocapture --exact ecu_in_a_box`. Not
 //! in the plain test run (`test = false` in Cargo.toml) only because it needs the arm64 .deb
-//! that `scripts/ci-package.sh` builds and about 6 minutes; it never skips: without the package, root, QEMU or the
+//! that `scripts/ci-package.sh` builds and about 7 minutes; it never skips: without the package, root, QEMU or the
 //! image it fails and says how to get them. Env: `ECU_VM_ARCH` (arm64, or amd64),
 //! `REDLINE_DEB_DIR` (default target/debian), `ECU_VM_KEEP` (keep the work dir).
 
@@ -72,6 +77,17 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// `ms` since the epoch as RFC 3339 UTC, to the millisecond (`simulate --start`).
+fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{ms} ms is not a time"))
 }
 
 // --- base64 (the control channel's framing) --------------------------------------------
@@ -635,6 +651,71 @@ impl Settle {
 }
 
 // --- the scenarios ----------------------------------------------------------------------
+
+/// What the garage-boot scenario (GPS time, no NTP) gathers while the simulated car runs.
+#[derive(Default)]
+struct GarageGps {
+    /// The journal's "clock trusted from GPS time" line (`-o short-unix`), if any.
+    line: String,
+    /// Whether /run/systemd/timesync/synchronized existed when that line was found.
+    synced_at_trust: String,
+    /// The quickest round trip of the control channel (ms), from which the two below.
+    rtt: i64,
+    /// This machine's clock minus the guest's wall clock (ms).
+    host_minus_guest: i64,
+    /// This machine's clock at the guest's boot-clock zero (ms).
+    host_at_boot: i64,
+    /// The end of the simulated car's run (its log, and whether NTP had synchronised).
+    sim: String,
+    /// The readings of the boot: the first, and the ticks missing from it to `end`.
+    first: Option<i64>,
+    end: i64,
+    missing: Vec<i64>,
+    /// When each reading was first seen at the broker (this machine's clock, ms).
+    seen_at: BTreeMap<i64, i64>,
+}
+
+impl GarageGps {
+    /// Reads the guest's wall and boot clocks against this machine's; keeps the reading
+    /// with the quickest round trip.
+    fn probe_clocks(&mut self, vm: &mut Vm) {
+        let before = now_ms();
+        // Both clocks read by bash itself, microseconds apart (no process started).
+        let j =
+            vm.sh("read -r up _ < /proc/uptime; echo \"wall=$EPOCHREALTIME\"; echo \"uptime=$up\"");
+        let after = now_ms();
+        if let (Ok(wall), Ok(up)) = (
+            j.prop("wall").parse::<f64>(),
+            j.prop("uptime").parse::<f64>(),
+        ) && after - before < self.rtt
+        {
+            self.rtt = after - before;
+            self.host_minus_guest = (before + after) / 2 - (wall * 1000.0).round() as i64;
+            self.host_at_boot = (before + after) / 2 - (up * 1000.0).round() as i64;
+        }
+    }
+
+    /// How late the GpsTime frames candump kept were on the bus against their UtcTime, on
+    /// this machine's clock (ms): `(sec.usec) vcan0 18FEE61C#<IEEE double, Intel>`.
+    fn receiver_lags(&self) -> Vec<i64> {
+        let mut lags: Vec<i64> = self
+            .sim
+            .lines()
+            .filter_map(|l| {
+                let (stamp, rest) = l.strip_prefix('(')?.split_once(')')?;
+                let hex = rest.split_once("18FEE61C#")?.1.trim();
+                let bytes: Vec<u8> = (0..hex.len() / 2)
+                    .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                    .collect::<Option<_>>()?;
+                let utc = f64::from_le_bytes(bytes.try_into().ok()?);
+                let heard = stamp.parse::<f64>().ok()? * 1000.0;
+                Some((heard - utc * 1000.0).round() as i64 + self.host_minus_guest)
+            })
+            .collect();
+        lags.sort_unstable();
+        lags
+    }
+}
 
 struct Report {
     problems: Vec<String>,
@@ -1508,7 +1589,446 @@ echo "synced=$([ -e /run/systemd/timesync/synchronized ] && echo yes || echo no)
         }
     }
 
-    // 11. CPU cost on a live bus next to candump --------------------------------------------
+    // 11. Garage boot: GPS time on the bus, no NTP ------------------------------------------
+    // The car in a garage: the wall clock wrong at boot and never synchronised, the time
+    // from the GNSS receiver on the CAN bus (`[clock] gps`).
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    // Readings are continuous from here on until the power cut.
+    live_from = now_ms();
+    let garage = vm.sh(
+        r#"set -e
+timedatectl set-ntp false; sleep 1
+echo "ntp=$(systemctl is-enabled systemd-timesyncd || true)"
+cd /etc/redline-agent
+grep -q '^# gps = "GpsTime.UtcTime"$' agent.toml || { echo 'agent.toml has no line `# gps = "GpsTime.UtcTime"` to uncomment'; exit 1; }
+sed -i 's/^# gps = "GpsTime.UtcTime"$/gps = "GpsTime.UtcTime"/' agent.toml
+# The effective configuration: the binding is in [clock], and the service reads vcan0.
+redline-agent check-config --config agent.toml 2>/dev/null | awk '/^\[/ { s = $0 }
+  s == "[clock]" && /^gps = "GpsTime.UtcTime"/ { print "gps_bound=yes" }
+  s == "[source]" && /^interface = / { gsub(/"/, "", $3); print "interface=" $3 }'"#,
+    );
+    rep.check(
+        garage.rc == 0
+            && garage.prop("ntp") == "disabled"
+            && garage.prop("gps_bound") == "yes"
+            && garage.prop("interface") == "vcan0",
+        || {
+            format!(
+                "garage boot: could not turn NTP off or bind `gps = \"GpsTime.UtcTime\"` in \
+                 [clock] of agent.toml, or the service does not read vcan0:\n{}",
+                garage.text
+            )
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    gaps.note(&mut vm);
+    let cut_at = now_ms();
+    vm.power_cut();
+    let boot3 = now_ms();
+    let t_boot = Instant::now();
+    let (_, secs3) = vm.boot(Some("2001-01-01T00:00:00"));
+    let b3 = vm.run(
+        &format!(
+            r#"systemctl is-system-running --wait > /dev/null
+for i in $(seq 1 150); do [ "$(systemctl is-active redline-agent)" = active ] && break; sleep 0.2; done
+echo "active=$(systemctl is-active redline-agent)"; echo "pid=$({MAIN_PID})"
+echo "ntp=$(systemctl is-enabled systemd-timesyncd || true)"
+echo "synced=$([ -e /run/systemd/timesync/synchronized ] && echo yes || echo no)"
+echo "guest_ms=$(( $(date +%s%N) / 1000000 ))"
+journalctl -b -u redline-agent -o cat --no-pager | grep -i -E 'not trusted|starting' | head -n 3"#
+        ),
+        Duration::from_secs(180),
+    );
+    rep.time("boot 3 (garage: wrong RTC, NTP off)", t_boot);
+    let skew3 = b3.prop("guest_ms").parse::<i64>().unwrap_or(0) - now_ms();
+    rep.figure(format!(
+        "boot 3 (garage): guest called back after {secs3:.1}s; the clock at boot {:.1} days off \
+         real time, NTP {}",
+        skew3 as f64 / 86_400_000.0,
+        b3.prop("ntp")
+    ));
+    rep.check(b3.prop("active") == "active", || {
+        format!("the agent did not start at the garage boot:\n{}", b3.text)
+    });
+    rep.check(
+        b3.prop("synced") == "no"
+            && b3.prop("ntp") == "disabled"
+            && b3.text.contains("not trusted"),
+        || {
+            format!(
+                "the garage boot should start with NTP off and an untrusted clock:\n{}",
+                b3.text
+            )
+        },
+    );
+    let missing = wait_delivered(
+        &sub,
+        live_from,
+        cut_at - DURABLE_MS,
+        Duration::from_secs(120),
+    );
+    let missing = gaps.judge("before the garage power cut", &missing);
+    rep.check(missing.is_empty(), || {
+        format!(
+            "readings synced before the garage power cut not delivered: {}",
+            describe_missing(&missing)
+        )
+    });
+    // No GPS time on the bus yet: the readings of this boot are held (published, they
+    // would carry the boot clock or the wrong wall clock). What is stamped past the cut
+    // by now is the last of the boot before, its NTP clock a little ahead of this
+    // machine's, re-sent from the spool: not of this boot.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = Seen::of(&sub);
+    let early = s.by_ts.range(..t_begin - 60_000).count();
+    let before_boot: Vec<i64> = s.by_ts.range(cut_at..).map(|(ts, _)| *ts).collect();
+    rep.check(
+        early == 0 && before_boot.iter().all(|ts| *ts < boot3 + 1_000),
+        || {
+            format!(
+                "garage boot: before any GPS time was on the bus, {early} reading(s) stamped \
+                 before this test began, and of the boot before the cut {} stamped more than \
+                 1 s after it (qemu started at {boot3}): {before_boot:?}",
+                before_boot
+                    .iter()
+                    .filter(|ts| **ts >= boot3 + 1_000)
+                    .count()
+            )
+        },
+    );
+
+    // The simulated car with its GPS receiver, on the true time (this machine's clock; the
+    // guest's is wrong), on the bus the service reads.
+    let sim_start = now_ms();
+    // candump keeps its first GpsTime frames (0x18FEE61C), stamped on the guest's clock:
+    // how late the receiver's time is on the bus.
+    let sim = vm.sh(&format!(
+        "timeout 60 candump -L -n 40 vcan0,18FEE61C:1FFFFFFF > /run/gps-frames.log 2>&1 &
+redline-agent simulate --config /etc/redline-agent/agent.toml --can vcan0 \
+         --duration 25s --start {} > /run/simulate-gps.log 2>&1 &\necho \"sim_pid=$!\"",
+        rfc3339_ms(sim_start)
+    ));
+    let stop_watch = std::sync::atomic::AtomicBool::new(false);
+    let g = std::thread::scope(|scope| {
+        // When each reading is first seen at the broker, on this machine's clock.
+        let watcher = scope.spawn(|| {
+            let mut seen_at: BTreeMap<i64, i64> = BTreeMap::new();
+            let mut done = 0;
+            while !stop_watch.load(std::sync::atomic::Ordering::Relaxed) {
+                let msgs = sub.telemetry();
+                let now = now_ms();
+                for (_, payload) in msgs.iter().skip(done) {
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(payload) else {
+                        continue;
+                    };
+                    for r in v["records"].as_array().into_iter().flatten() {
+                        if let Some(ts) = r["timestamp"].as_i64() {
+                            seen_at.entry(ts).or_insert(now);
+                        }
+                    }
+                }
+                done = msgs.len();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen_at
+        });
+        // The journal's "clock trusted from GPS time" line.
+        let mut g = GarageGps {
+            rtt: i64::MAX,
+            ..GarageGps::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while g.line.is_empty() && Instant::now() < deadline {
+            let j = vm.sh(
+                "echo \"synced=$([ -e /run/systemd/timesync/synchronized ] && echo yes || echo no)\"
+journalctl -b -u redline-agent -o short-unix --no-pager | grep -m 1 'clock trusted from GPS time' | sed 's/^/trusted_line=/'",
+            );
+            match j.text.lines().find_map(|l| l.strip_prefix("trusted_line=")) {
+                Some(line) => {
+                    g.line = line.to_owned();
+                    g.synced_at_trust = j.prop("synced");
+                }
+                None => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+        for _ in 0..5 {
+            g.probe_clocks(&mut vm);
+        }
+        // The simulated car's run to its end, then its readings in.
+        g.sim = vm
+            .run(
+                &format!(
+                    "for i in $(seq 1 120); do kill -0 {} 2>/dev/null || break; sleep 0.5; done
+echo \"synced=$([ -e /run/systemd/timesync/synchronized ] && echo yes || echo no)\"
+tail -n 3 /run/simulate-gps.log; cat /run/gps-frames.log",
+                    sim.prop("sim_pid")
+                ),
+                Duration::from_secs(120),
+            )
+            .text;
+        g.end = now_ms() - DURABLE_MS;
+        let mut wait = Settle::new(Duration::from_secs(90));
+        loop {
+            let s = Seen::of(&sub);
+            g.first = s
+                .by_ts
+                .range(cut_at..)
+                .map(|(ts, _)| *ts)
+                .find(|ts| !before_boot.contains(ts));
+            g.missing = g.first.map_or(vec![], |f| s.missing(f, g.end));
+            if (g.first.is_some() && wait.done(&g.missing)) || Instant::now() >= wait.deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        stop_watch.store(true, std::sync::atomic::Ordering::Relaxed);
+        g.seen_at = watcher.join().expect("the broker watcher");
+        g
+    });
+    let synced_after = g.sim.contains("synced=yes");
+    rep.check(g.synced_at_trust == "no" && !synced_after, || {
+        format!(
+            "garage boot: the clock was synchronised (NTP) during the GPS run (at trust: \
+                 {:?}; after the run:\n{})",
+            g.synced_at_trust, g.sim
+        )
+    });
+    // From the journal line: the offset taken, and how far the guest's wall clock was
+    // from GPS time; with the guest's clock against this machine's, GPS time against the
+    // true time.
+    let number_after = |key: &str| {
+        g.line
+            .split_once(key)
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.trim_start_matches('+').parse::<f64>().ok())
+    };
+    let journal_guest_ms = g
+        .line
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse::<f64>().ok())
+        .map(|s| (s * 1000.0).round() as i64);
+    match (
+        journal_guest_ms,
+        number_after("offset of "),
+        number_after("the wall clock is "),
+    ) {
+        (Some(at_guest), Some(offset_s), Some(wall_minus_gps_s)) => {
+            let to_trust = at_guest + g.host_minus_guest - sim_start;
+            // wall − GPS (logged), host − wall (measured): GPS − host.
+            let gps_minus_host = -(wall_minus_gps_s * 1000.0).round() as i64 - g.host_minus_guest;
+            // Untrusted at its start, the agent samples on the boot clock: a reading
+            // sampled at boot time b is stamped b + offset, and was taken at
+            // host_at_boot + b on this machine's clock.
+            let stamps_minus_host = (offset_s * 1000.0).round() as i64 - g.host_at_boot;
+            rep.figure(format!(
+                "garage boot: clock trusted from GPS time {:.1}s after the simulated car started \
+                 (journal against this machine's clock, ±{} ms), NTP off",
+                to_trust as f64 / 1000.0,
+                g.rtt / 2
+            ));
+            rep.figure(format!(
+                "garage boot: GPS time as believed {gps_minus_host:+} ms from this machine's \
+                 clock; readings stamped {stamps_minus_host:+} ms from it (offset {offset_s:.3} s \
+                 on the boot clock's grid)"
+            ));
+            // Against the receiver itself: its time when least late on the bus (what the
+            // agent takes), both on the guest's clock, so the clock probe cancels out.
+            let rx = g.receiver_lags();
+            match rx.first() {
+                Some(&least) => {
+                    let vs_receiver = gps_minus_host + least;
+                    rep.figure(format!(
+                        "garage boot: the simulated receiver's GpsTime frames on the bus {least} to {} ms \
+                         after their UtcTime ({} frames kept by candump; its clock starts with the \
+                         process, after `--start` was taken here); GPS time as believed \
+                         {vs_receiver:+} ms from the receiver's",
+                        rx.last().copied().unwrap_or(least),
+                        rx.len()
+                    ));
+                    rep.check(vs_receiver.abs() <= 250, || {
+                        format!(
+                            "garage boot: GPS time believed {vs_receiver:+} ms from the receiver's \
+                             own time on the bus (want within about one tick):\n{}",
+                            g.line
+                        )
+                    });
+                }
+                None => rep.check(false, || {
+                    format!(
+                        "garage boot: candump kept no GpsTime frame (0x18FEE61C) of the simulated \
+                         car:\n{}",
+                        g.sim
+                    )
+                }),
+            }
+            rep.check((0..=15_000).contains(&to_trust), || {
+                format!(
+                    "garage boot: clock trusted from GPS time {to_trust} ms after the simulated \
+                     car started (want 2-3 s of agreeing samples and the watcher's second):\n{}",
+                    g.line
+                )
+            });
+            rep.check(
+                gps_minus_host.abs() <= 2_000 && stamps_minus_host.abs() <= 2_000,
+                || {
+                    format!(
+                        "garage boot: GPS time believed {gps_minus_host:+} ms, stamps \
+                         {stamps_minus_host:+} ms from the true time (want within 2 s):\n{}",
+                        g.line
+                    )
+                },
+            );
+        }
+        _ => rep.check(false, || {
+            format!(
+                "garage boot: no \"clock trusted from GPS time: ... offset of ... (the wall clock \
+                 is ... from GPS time)\" in the journal within 60 s of the simulated car's start, \
+                 NTP off; the simulated car:\n{}",
+                g.sim
+            )
+        }),
+    }
+    // What arrived from this boot: on the true time, the held readings of its start too.
+    let s = Seen::of(&sub);
+    let wrong_clock = s.by_ts.range(..t_begin - 60_000).count();
+    rep.check(wrong_clock == 0, || {
+        format!(
+            "{wrong_clock} reading(s) stamped before this test began (the guest's wrong clock, \
+             or its boot clock) were published"
+        )
+    });
+    let this_boot: Vec<(i64, &Rec)> = s
+        .by_ts
+        .range(cut_at..)
+        .filter(|(ts, _)| !before_boot.contains(ts))
+        .map(|(ts, r)| (*ts, r))
+        .collect();
+    let arrived = |ts: i64| g.seen_at.get(&ts).copied().unwrap_or_else(now_ms);
+    let future: Vec<i64> = this_boot
+        .iter()
+        .filter(|(ts, _)| *ts > arrived(*ts) + 1_000)
+        .map(|(ts, _)| *ts)
+        .collect();
+    rep.check(future.is_empty(), || {
+        format!(
+            "garage boot: {} reading(s) arrived more than 1 s before their timestamp, e.g. {:?}",
+            future.len(),
+            &future[..future.len().min(5)]
+        )
+    });
+    // Readings with the bus's values were sampled while the simulated car ran.
+    let from_bus: Vec<i64> = this_boot
+        .iter()
+        .filter(|(_, r)| r.all_values())
+        .map(|(ts, _)| *ts)
+        .collect();
+    let off_window: Vec<i64> = from_bus
+        .iter()
+        .copied()
+        .filter(|ts| *ts < sim_start - 2_000 || *ts > arrived(*ts) + 1_000)
+        .collect();
+    rep.check(!from_bus.is_empty() && off_window.is_empty(), || {
+        format!(
+            "garage boot: of {} reading(s) with the simulated car's values, {} stamped outside \
+             [its start − 2 s, their arrival + 1 s] (start {sim_start}), e.g. {:?}",
+            from_bus.len(),
+            off_window.len(),
+            &off_window[..off_window.len().min(5)]
+        )
+    });
+    let held = this_boot.iter().filter(|(ts, _)| *ts < sim_start).count();
+    // Live: sampled after the clock was trusted (the held ones wait for it).
+    let live_after = journal_guest_ms.map_or(i64::MAX, |j| j + g.host_minus_guest + 1_000);
+    let mut lags: Vec<i64> = this_boot
+        .iter()
+        .filter(|(ts, _)| *ts >= live_after && g.seen_at.contains_key(ts))
+        .map(|(ts, _)| arrived(*ts) - ts)
+        .collect();
+    lags.sort_unstable();
+    match g.first {
+        None => rep.check(false, || {
+            "garage boot: no reading of this boot arrived at the broker".to_owned()
+        }),
+        Some(first) => {
+            rep.figure(format!(
+                "garage boot: {} reading(s) of this boot delivered, {held} of them held on the boot \
+                 clock before GPS time (first stamped {:.1}s after qemu started, the simulated car \
+                 at +{:.1}s), {} with the bus's values; live ones arrived {} to {} ms (median {}) \
+                 after their stamps",
+                this_boot.len(),
+                (first - boot3) as f64 / 1000.0,
+                (sim_start - boot3) as f64 / 1000.0,
+                from_bus.len(),
+                lags.first().copied().unwrap_or(-1),
+                lags.last().copied().unwrap_or(-1),
+                lags.get(lags.len() / 2).copied().unwrap_or(-1)
+            ));
+            rep.check(
+                held > 0
+                    && first >= boot3
+                    && first <= boot3 + (secs3 as i64 + 60) * 1000
+                    && first < sim_start,
+                || {
+                    format!(
+                        "garage boot: the readings held before GPS time are not stamped at their \
+                         real time: first at {first}, qemu started at {boot3}, the simulated car \
+                         at {sim_start} ({held} held)"
+                    )
+                },
+            );
+            let missing = gaps.judge("garage boot on GPS time", &g.missing);
+            rep.check(missing.is_empty(), || {
+                format!(
+                    "garage boot: readings of this boot not all delivered (held ones and live \
+                     ones up to {}): {}",
+                    g.end,
+                    describe_missing(&missing)
+                )
+            });
+        }
+    }
+    // NTP back (and the shipped config for the next steps, at the next restart): the wall
+    // clock takes over from GPS time.
+    let back = vm.sh(
+        r#"sed -i 's/^gps = "GpsTime.UtcTime"$/# gps = "GpsTime.UtcTime"/' /etc/redline-agent/agent.toml
+echo "gps_lines=$(grep -c '^gps = ' /etc/redline-agent/agent.toml)"
+timedatectl set-ntp true
+for i in $(seq 1 240); do [ -e /run/systemd/timesync/synchronized ] && break; sleep 0.5; done
+echo "synced=$([ -e /run/systemd/timesync/synchronized ] && echo yes || echo no)"; echo "year=$(date +%Y)"
+for i in $(seq 1 40); do
+  l=$(journalctl -b -u redline-agent -o cat --no-pager | grep -m 1 'takes over from GPS time') && break; sleep 0.5
+done
+echo "handover=$l""#,
+    );
+    rep.check(
+        back.prop("synced") == "yes" && back.prop("gps_lines") == "0",
+        || {
+            format!(
+                "garage boot: could not restore the config or synchronise with NTP again:\n{}",
+                back.text
+            )
+        },
+    );
+    let handover = back.prop("handover");
+    rep.check(handover.contains("takes over from GPS time"), || {
+        format!(
+            "garage boot: NTP synchronised again but the journal has no \"wall clock trusted \
+             now: it takes over from GPS time\":\n{}",
+            back.text
+        )
+    });
+    rep.figure(format!(
+        "garage boot: NTP back, the wall clock took over {}",
+        handover
+            .split_once("takes over ")
+            .map_or("(no hand-over logged)", |(_, r)| r)
+            .trim()
+    ));
+    rep.time("garage boot: GPS time on the bus, no NTP", t);
+
+    // 12. CPU cost on a live bus next to candump --------------------------------------------
     let t = Instant::now();
     gaps.note(&mut vm);
     let cost = vm.run(
@@ -1582,7 +2102,7 @@ kill $CD"#,
         )
     });
 
-    // 12. Clean stop ------------------------------------------------------------------------------
+    // 13. Clean stop ------------------------------------------------------------------------------
     let t = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     gaps.note(&mut vm);
