@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::broker::{Broker, Subscriber};
 use support::certs::Pki;
+use support::now_ms;
 use support::process::{Proc, poll};
 
 struct Rig {
@@ -61,30 +62,10 @@ impl Rig {
 
     /// Distinct telemetry timestamps so far, sorted.
     fn timestamps(&self) -> Vec<i64> {
-        let mut ts: Vec<i64> = self
-            .sub
-            .telemetry()
-            .iter()
-            .flat_map(|(_, p)| {
-                let v: Value = serde_json::from_str(p).expect("telemetry is JSON");
-                v["records"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|r| r["timestamp"].as_i64())
-            })
-            .collect();
-        ts.sort_unstable();
+        let mut ts = self.sub.telemetry_timestamps();
         ts.dedup();
         ts
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Wall clock minus boot clock now, in ms.

@@ -18,6 +18,7 @@ use std::time::Duration;
 use support::broker::{Broker, Subscriber};
 use support::certs::Pki;
 use support::process::{Proc, poll};
+use support::{logged_at, now_ms};
 
 /// The logger's clock at the first frame: 1970, a thousand seconds after power-on.
 const LOG_T0: f64 = 1_000.0;
@@ -169,26 +170,6 @@ fn a_log_that_agrees_with_gps_time_or_has_no_fix_keeps_its_timestamps() {
     );
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
-/// The agent's own time of its first log line holding `needle`.
-fn logged_at(stderr: &str, needle: &str) -> Option<i64> {
-    stderr
-        .lines()
-        .find(|l| l.contains(needle))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(parse_rfc3339_ms)
-}
-
 #[test]
 fn live_an_untrusted_clock_takes_gps_time_and_every_reading_arrives_on_true_time() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -250,20 +231,7 @@ fn live_an_untrusted_clock_takes_gps_time_and_every_reading_arrives_on_true_time
          the watcher looks every second"
     );
 
-    let mut ts: Vec<i64> = sub
-        .telemetry()
-        .iter()
-        .flat_map(|(_, p)| {
-            let v: Value = serde_json::from_str(p).expect("telemetry is JSON");
-            v["records"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|r| r["timestamp"].as_i64())
-        })
-        .collect();
-    ts.sort_unstable();
+    let ts = sub.telemetry_timestamps();
     assert!(ts.len() >= 40, "readings of ~5 s: got {}", ts.len());
     for w in ts.windows(2) {
         assert_eq!(

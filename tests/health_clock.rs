@@ -11,6 +11,7 @@ use std::time::Duration;
 use support::broker::{Broker, Subscriber};
 use support::certs::Pki;
 use support::process::{Proc, poll};
+use support::{logged_at, now_ms, parse_rfc3339_ms};
 
 struct Rig {
     dir: tempfile::TempDir,
@@ -82,21 +83,6 @@ fn expect_hook(agent: &mut Proc, var: &str) {
     );
 }
 
-/// The agent's own time of its first log line holding `needle` (ms since the epoch, from
-/// the RFC 3339 stamp that starts each line).
-fn logged_at(stderr: &str, needle: &str) -> Option<i64> {
-    stderr
-        .lines()
-        .find(|l| l.contains(needle))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(parse_rfc3339_ms)
-}
-
-fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
 /// SIGTERM: exit 0, and no batch left unacknowledged in the spool.
 fn assert_all_acknowledged(status: std::process::ExitStatus, stderr: &str) {
     assert!(status.success(), "SIGTERM: exit 0, got {status}\n{stderr}");
@@ -128,12 +114,6 @@ fn wall_minus_boot_ms() -> i64 {
     now_ms() - (ts.tv_sec * 1000 + ts.tv_nsec / 1_000_000)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn status_messages(sub: &Subscriber) -> Vec<Value> {
     sub.messages()
         .into_iter()
@@ -143,21 +123,7 @@ fn status_messages(sub: &Subscriber) -> Vec<Value> {
 }
 
 fn timestamps(sub: &Subscriber) -> Vec<i64> {
-    let mut ts: Vec<i64> = sub
-        .telemetry()
-        .iter()
-        .flat_map(|(_, p)| {
-            let v: Value = serde_json::from_str(p).expect("telemetry is JSON");
-            v["records"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|r| r["timestamp"].as_i64())
-        })
-        .collect();
-    ts.sort_unstable();
-    ts
+    sub.telemetry_timestamps()
 }
 
 #[test]

@@ -321,6 +321,25 @@ impl Subscriber {
             .collect()
     }
 
+    /// The `timestamp` of every record received so far, sorted (duplicates kept).
+    pub fn telemetry_timestamps(&self) -> Vec<i64> {
+        let mut ts: Vec<i64> = self
+            .telemetry()
+            .iter()
+            .flat_map(|(_, p)| {
+                let v: serde_json::Value = serde_json::from_str(p).expect("telemetry is JSON");
+                v["records"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|r| r["timestamp"].as_i64())
+            })
+            .collect();
+        ts.sort_unstable();
+        ts
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.proc.is_running()
     }

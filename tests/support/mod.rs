@@ -16,6 +16,30 @@ use std::time::Duration;
 
 use process::{Finished, run};
 
+/// This machine's wall clock, in ms since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The agent's own time (ms since the epoch) of its first log line holding `needle`, from
+/// the RFC 3339 stamp that starts each line.
+pub fn logged_at(stderr: &str, needle: &str) -> Option<i64> {
+    let stamp = stderr
+        .lines()
+        .find(|l| l.contains(needle))?
+        .split_whitespace()
+        .next()?;
+    parse_rfc3339_ms(stamp)
+}
+
+/// An RFC 3339 time in ms since the epoch.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
 /// `--start` used by the tests, and the same instant in epoch milliseconds.
 pub const START: &str = "2024-01-14T21:20:00Z";
 pub const START_MS: i64 = 1_705_267_200_000;
