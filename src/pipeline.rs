@@ -675,12 +675,17 @@ impl ClockJudge {
     /// Trusted by the wall clock: timestamps follow its steps (NTP), the grid goes on.
     fn follow_wall(&self, tb: &mut TimeBase, wall_minus_sampling: Micros) -> bool {
         let step = wall_minus_sampling - tb.correction;
-        if step.abs() <= self.grid_step / 2 {
+        self.follow(tb, step, self.grid_step / 2 + 1, "wall clock stepped")
+    }
+
+    /// Timestamps follow a `step` of at least `threshold`, in whole ticks.
+    fn follow(&self, tb: &mut TimeBase, step: Micros, threshold: Micros, what: &str) -> bool {
+        if step.abs() < threshold {
             return false;
         }
         let adjust = crate::ops::clock::offset_on_grid(step, self.grid_step);
         tracing::warn!(
-            "wall clock stepped by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
+            "{what} by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
             step as f64 / 1e6,
             adjust as f64 / 1e6
         );
@@ -712,17 +717,12 @@ impl ClockJudge {
             return false;
         };
         let step = offset - tb.correction;
-        if step.abs() < self.grid_step + self.grid_step / 2 {
-            return false;
-        }
-        let adjust = crate::ops::clock::offset_on_grid(step, self.grid_step);
-        tracing::warn!(
-            "GPS time moved by {:+.3} s: timestamps follow it by {:+.1} s, the sampling grid goes on",
-            step as f64 / 1e6,
-            adjust as f64 / 1e6
-        );
-        tb.correction += adjust;
-        true
+        self.follow(
+            tb,
+            step,
+            self.grid_step + self.grid_step / 2,
+            "GPS time moved",
+        )
     }
 }
 
@@ -946,5 +946,115 @@ async fn stdout_sink(mut rx: mpsc::Receiver<Batch>, mode: crate::config::Payload
             }
         }
         let _ = out.flush();
+    }
+}
+
+#[cfg(all(test, feature = "test-hooks"))]
+mod tests {
+    use super::*;
+    use crate::ops::gps_time::{GpsJudge, GpsSample};
+
+    const GRID: Micros = 100_000;
+    const FLOOR: Micros = 1_700_000_000_000_000;
+    /// UTC minus the boot clock of this imagined ECU.
+    const TRUE_OFFSET: Micros = 1_800_000_000_000_000 - 5_000_000;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        clock_file: std::path::PathBuf,
+        gps: Arc<std::sync::Mutex<GpsJudge>>,
+        judge: ClockJudge,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock_file = dir.path().join("clock");
+        std::fs::write(&clock_file, "untrusted").expect("clock file");
+        let gps = Arc::new(std::sync::Mutex::new(GpsJudge::new(FLOOR)));
+        let judge = ClockJudge {
+            source: ClockSource::File(clock_file.clone()),
+            gps: Some(gps.clone()),
+            grid_step: GRID,
+        };
+        Rig {
+            _dir: dir,
+            clock_file,
+            gps,
+            judge,
+        }
+    }
+
+    /// `secs` of a 10 Hz receiver whose time is `offset` ahead of the boot clock, from `from`.
+    fn hear(rig: &Rig, from: Micros, secs: i64, offset: Micros) {
+        let mut j = rig.gps.lock().expect("lock");
+        for i in 0..secs * 10 {
+            let at = from + i * 100_000;
+            j.offer(GpsSample {
+                utc: at + offset - 30_000,
+                at,
+            });
+        }
+    }
+
+    fn untrusted() -> TimeBase {
+        TimeBase {
+            trusted: false,
+            correction: 0,
+            boot_id: [1; 16],
+        }
+    }
+
+    #[test]
+    fn gps_time_trusts_an_untrusted_clock_and_is_followed_past_one_and_a_half_ticks() {
+        let rig = rig();
+        let (mut tb, mut by_gps) = (untrusted(), false);
+        // The wall clock reads 1970 on this ECU: wall − sampling is about zero.
+        assert!(!rig.judge.trust(&mut tb, &mut by_gps, 0), "no GPS yet");
+        hear(&rig, 5_000_000, 3, TRUE_OFFSET);
+        assert!(rig.judge.trust(&mut tb, &mut by_gps, 0));
+        assert!(tb.trusted && by_gps);
+        assert_eq!(
+            tb.correction, TRUE_OFFSET,
+            "30 ms of bus latency rounds away"
+        );
+
+        // Jitter of a tick is not followed; a 10 s step of the receiver is, in whole ticks.
+        hear(&rig, 8_000_000, 3, TRUE_OFFSET + 120_000);
+        assert!(!rig.judge.follow_gps(&mut tb, &mut by_gps, 0));
+        assert_eq!(tb.correction, TRUE_OFFSET);
+        hear(&rig, 11_000_000, 3, TRUE_OFFSET + 10_000_000);
+        assert!(rig.judge.follow_gps(&mut tb, &mut by_gps, 0));
+        assert_eq!(tb.correction, TRUE_OFFSET + 10_000_000);
+
+        // NTP arrives: the wall clock takes over from GPS time.
+        std::fs::write(&rig.clock_file, "trusted").expect("clock file");
+        let wall = TRUE_OFFSET + 10_040_000;
+        assert!(
+            !rig.judge.follow_gps(&mut tb, &mut by_gps, wall),
+            "the wall clock agrees with GPS time on the grid: nothing moves"
+        );
+        assert!(!by_gps, "but it is the wall clock that is followed now");
+        assert_eq!(tb.correction, TRUE_OFFSET + 10_000_000);
+        // From now on the wall clock's steps are followed, beyond half a tick.
+        assert!(
+            !rig.judge.follow_wall(&mut tb, wall),
+            "40 ms: within half a tick"
+        );
+        assert!(rig.judge.follow_wall(&mut tb, wall + 2_000_000));
+        assert_eq!(tb.correction, TRUE_OFFSET + 12_000_000);
+    }
+
+    #[test]
+    fn a_trusted_wall_clock_wins_over_gps_time_at_the_start() {
+        let rig = rig();
+        std::fs::write(&rig.clock_file, "trusted").expect("clock file");
+        hear(&rig, 5_000_000, 3, TRUE_OFFSET);
+        let (mut tb, mut by_gps) = (untrusted(), false);
+        assert!(rig.judge.trust(&mut tb, &mut by_gps, 7_250_000));
+        assert!(tb.trusted && !by_gps);
+        assert_eq!(
+            tb.correction, 7_300_000,
+            "the wall clock's offset, on the grid"
+        );
     }
 }
