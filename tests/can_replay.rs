@@ -6,22 +6,11 @@ mod support;
 
 use redline_agent::source::can::GT3_DBC;
 use redline_agent::source::dbc::Dbc;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
+use support::candump_frame;
 
 const T0: f64 = 1_705_267_200.0;
-
-fn frame_hex(dbc: &Dbc, message: &str, values: &[(&str, f64)]) -> (u32, String) {
-    let mut data = [0u8; 64];
-    let len = dbc.encode(message, values, &mut data).expect("encode");
-    let id = dbc.message(message).expect("message").id.id;
-    let hex = data[..len].iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02X}");
-        s
-    });
-    (id, hex)
-}
 
 /// Three seconds of the GT3 bus at 100 Hz (engine), 20 Hz (brakes), 5 Hz (oil), with
 /// malformed lines at known line numbers. Returns the log and those line numbers.
@@ -37,23 +26,23 @@ fn write_log(path: &Path) -> Vec<usize> {
     for k in 0..300u32 {
         let t = T0 + f64::from(k) * 0.01 + 0.000_123;
         let rpm = 6000.0 + f64::from(k) * 7.0;
-        let (id, hex) = frame_hex(&dbc, "Engine", &[("RPM", rpm)]);
+        let frame = candump_frame(&dbc, "Engine", &[("RPM", rpm)]);
         line += 1;
-        push(&mut log, format!("({t:.6}) can0 {id:03X}#{hex}"));
+        push(&mut log, format!("({t:.6}) can0 {frame}"));
         if k % 5 == 0 {
             let fl = 300.0 + f64::from(k);
-            let (id, hex) = frame_hex(&dbc, "BrakeTemps", &[("DiscFL", fl), ("DiscFR", fl - 4.2)]);
+            let frame = candump_frame(&dbc, "BrakeTemps", &[("DiscFL", fl), ("DiscFR", fl - 4.2)]);
             line += 1;
-            push(&mut log, format!("({t:.6}) can0 {id:03X}#{hex}"));
+            push(&mut log, format!("({t:.6}) can0 {frame}"));
         }
         if k % 20 == 0 {
-            let (id, hex) = frame_hex(
+            let frame = candump_frame(
                 &dbc,
                 "EngineTemps",
                 &[("OilTemp", 90.0 + f64::from(k) / 10.0)],
             );
             line += 1;
-            push(&mut log, format!("({t:.6}) can0 {id:03X}#{hex}"));
+            push(&mut log, format!("({t:.6}) can0 {frame}"));
         }
         if k % 50 == 25 {
             for garbage in [
@@ -283,12 +272,9 @@ fn a_far_future_line_costs_a_minute_of_readings_not_years() {
     write_log(&log);
     // One line stamped ten years later, as a broken logger writes.
     let dbc = Dbc::from_text(GT3_DBC).expect("dbc");
-    let (id, hex) = frame_hex(&dbc, "Engine", &[("RPM", 7000.0)]);
+    let frame = candump_frame(&dbc, "Engine", &[("RPM", 7000.0)]);
     let mut text = std::fs::read_to_string(&log).expect("read");
-    text.push_str(&format!(
-        "({:.6}) can0 {id:03X}#{hex}\n",
-        T0 + 315_360_000.0
-    ));
+    text.push_str(&format!("({:.6}) can0 {frame}\n", T0 + 315_360_000.0));
     std::fs::write(&log, text).expect("write");
     let out = replay(&log, "max");
     assert_eq!(out.code(), Some(0), "{}", out.describe());

@@ -18,7 +18,7 @@ use std::time::Duration;
 use support::broker::{Broker, Subscriber};
 use support::certs::Pki;
 use support::process::{Proc, poll};
-use support::{logged_at, now_ms};
+use support::{candump_frame, logged_at, now_ms};
 
 /// The logger's clock at the first frame: 1970, a thousand seconds after power-on.
 const LOG_T0: f64 = 1_000.0;
@@ -27,21 +27,6 @@ const LOG_T0: f64 = 1_000.0;
 const TRUE_T0: f64 = 1_800_000_000.0;
 /// How late the receiver's time is heard on the bus.
 const LATENCY: f64 = 0.020;
-
-fn frame(dbc: &Dbc, message: &str, values: &[(&str, f64)]) -> String {
-    let mut data = [0u8; 64];
-    let len = dbc.encode(message, values, &mut data).expect("encode");
-    let id = dbc.message(message).expect("message").id;
-    let hex = data[..len].iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02X}");
-        s
-    });
-    if id.extended {
-        format!("{:08X}#{hex}", id.id)
-    } else {
-        format!("{:03X}#{hex}", id.id)
-    }
-}
 
 /// 20 s of the GT3 bus stamped from `log_t0`: the engine at 100 Hz, the GPS receiver at
 /// 10 Hz, which sends 0 (no fix) for the first `no_fix_s` seconds and then the true UTC
@@ -56,7 +41,7 @@ fn write_log(path: &Path, log_t0: f64, true_t0: f64, no_fix_s: f64) {
         let _ = writeln!(
             log,
             "({t:.6}) can0 {}",
-            frame(&dbc, "Engine", &[("RPM", rpm)])
+            candump_frame(&dbc, "Engine", &[("RPM", rpm)])
         );
         if k % 10 == 5 {
             let utc = if dt < no_fix_s {
@@ -64,7 +49,7 @@ fn write_log(path: &Path, log_t0: f64, true_t0: f64, no_fix_s: f64) {
             } else {
                 true_t0 + dt - LATENCY
             };
-            let f = frame(&dbc, "GpsTime", &[("UtcTime", utc)]);
+            let f = candump_frame(&dbc, "GpsTime", &[("UtcTime", utc)]);
             let _ = writeln!(log, "({t:.6}) can0 {f}");
         }
     }
@@ -175,13 +160,7 @@ fn live_an_untrusted_clock_takes_gps_time_and_every_reading_arrives_on_true_time
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path(), support::VEHICLE_ID);
     let broker = Broker::start(&pki, dir.path(), false);
-    let spec = support::ConfigSpec {
-        port: broker.tls_port,
-        ca: &pki.ca,
-        cert: &pki.client_cert,
-        key: &pki.client_key,
-        payload: "records",
-    };
+    let spec = support::ConfigSpec::for_broker(&pki, &broker);
     let cfg = dir.path().join("agent.toml");
     let text = format!(
         "{}\n[spool]\ndir = {}\n\n[status]\nfile = \"\"\n\n[clock]\ngps = \"GpsTime.UtcTime\"\n",

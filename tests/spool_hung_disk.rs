@@ -241,13 +241,7 @@ fn a_hung_disk_bounds_the_queue_by_bytes_and_loses_only_counted_readings() {
     let broker = Broker::start(&pki, dir.path(), false);
     let sub = Subscriber::start(&broker);
 
-    let spec = support::ConfigSpec {
-        port: broker.tls_port,
-        ca: &pki.ca,
-        cert: &pki.client_cert,
-        key: &pki.client_key,
-        payload: "records",
-    };
+    let spec = support::ConfigSpec::for_broker(&pki, &broker);
     let tuning = Tuning {
         spool_dir: Some(disk.mnt.join("spool")),
         max_bytes: "8MiB",

@@ -90,9 +90,23 @@ impl Clock {
         Ok(())
     }
 
+    /// Every GPS signal bound (the time and the fix flag) with its config key and the
+    /// part of the time it is; empty without `gps`.
+    pub fn gps_bindings(&self) -> Vec<(String, &str, crate::ops::gps_time::Part)> {
+        let mut bindings = self.gps.as_ref().map(GpsSignals::parts).unwrap_or_default();
+        if let Some(v) = &self.gps_valid {
+            bindings.push((
+                "clock.gps_valid".into(),
+                v,
+                crate::ops::gps_time::Part::Valid,
+            ));
+        }
+        bindings
+    }
+
     /// The GPS bindings: `Message.Signal`s, on a source that has a CAN bus.
     pub(super) fn validate_gps(&self, source: SourceKind) -> Result<(), (String, String)> {
-        let Some(gps) = &self.gps else {
+        if self.gps.is_none() {
             if self.gps_valid.is_some() {
                 return Err(("clock.gps_valid".into(), "needs clock.gps".into()));
             }
@@ -104,15 +118,7 @@ impl Clock {
                 "GPS time is read from the CAN bus (a DBC signal): it needs source.kind = \"can\" or \"simulator\"".into(),
             ));
         }
-        let mut signals = gps.parts();
-        if let Some(v) = &self.gps_valid {
-            signals.push((
-                "clock.gps_valid".into(),
-                v,
-                crate::ops::gps_time::Part::Valid,
-            ));
-        }
-        for (key, signal, _) in signals {
+        for (key, signal, _) in self.gps_bindings() {
             if split_signal(signal).is_none() {
                 return Err((key, format!("expected \"Message.Signal\", got {signal:?}")));
             }

@@ -134,13 +134,9 @@ impl Decoding {
         }
         let fields = config.fields.len();
         let mut gps = None;
-        if let Some(signals) = &config.clock.gps {
-            let mut parts = signals.parts();
-            if let Some(v) = &config.clock.gps_valid {
-                parts.push(("clock.gps_valid".into(), v, Part::Valid));
-            }
+        if config.clock.gps.is_some() {
             let mut bound_parts = Vec::new();
-            for (key, signal, part) in parts {
+            for (key, signal, part) in config.clock.gps_bindings() {
                 let (message, name) = split_signal(signal).ok_or_else(|| {
                     (
                         key.clone(),
@@ -251,7 +247,8 @@ pub struct FrameEncoder {
     signal_of: Vec<Option<(String, String, Option<Convert>)>>,
     latest: Vec<Option<f64>>,
     /// The GPS receiver's signals: (message, signal, part of the time).
-    gps: Vec<(String, String, Part)>,
+    /// The GPS receiver's messages, each with its signals and the part of the time they are.
+    gps: Vec<(String, Vec<(String, Part)>)>,
 }
 
 /// One CAN frame: identifier and payload.
@@ -283,15 +280,15 @@ impl FrameEncoder {
             .filter_map(|&s| config.fields.get_index_of(s.name()).map(|f| (s, f)))
             .filter(|(_, f)| signal_of[*f].is_some())
             .collect();
-        let gps = decoding
-            .gps
-            .iter()
-            .flat_map(|g| &g.parts)
-            .filter_map(|&(r, part)| {
-                let (m, s) = dbc.resolve(r).ok()?;
-                Some((m.name.clone(), s.name.clone(), part))
-            })
-            .collect();
+        let mut gps: Vec<(String, Vec<(String, Part)>)> = Vec::new();
+        for &(r, part) in decoding.gps.iter().flat_map(|g| &g.parts) {
+            let Ok((m, s)) = dbc.resolve(r) else { continue };
+            let signal = (s.name.clone(), part);
+            match gps.iter_mut().find(|(name, _)| *name == m.name) {
+                Some((_, signals)) => signals.push(signal),
+                None => gps.push((m.name.clone(), vec![signal])),
+            }
+        }
         Self {
             dbc,
             sensor_field,
@@ -316,15 +313,10 @@ impl FrameEncoder {
             Part::Second => f64::from(t.second()) + f64::from(t.microsecond()) / 1e6,
             Part::Valid => 1.0,
         };
-        let mut messages: Vec<&str> = self.gps.iter().map(|(m, _, _)| m.as_str()).collect();
-        messages.sort_unstable();
-        messages.dedup();
-        for message in messages {
-            let values: Vec<(&str, f64)> = self
-                .gps
+        for (message, signals) in &self.gps {
+            let values: Vec<(&str, f64)> = signals
                 .iter()
-                .filter(|(m, _, _)| m == message)
-                .map(|(_, s, part)| (s.as_str(), value(*part)))
+                .map(|(s, part)| (s.as_str(), value(*part)))
                 .collect();
             let Ok(msg) = self.dbc.message(message) else {
                 continue;

@@ -16,6 +16,28 @@ use std::time::Duration;
 
 use process::{Finished, run};
 
+/// The `ID#HEX` of a candump line: `message` of `dbc` carrying `values` (an extended id
+/// in 8 hex digits, a standard one in 3).
+pub fn candump_frame(
+    dbc: &redline_agent::source::dbc::Dbc,
+    message: &str,
+    values: &[(&str, f64)],
+) -> String {
+    use std::fmt::Write as _;
+    let mut data = [0u8; 64];
+    let len = dbc.encode(message, values, &mut data).expect("encode");
+    let id = dbc.message(message).expect("message").id;
+    let hex = data[..len].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02X}");
+        s
+    });
+    if id.extended {
+        format!("{:08X}#{hex}", id.id)
+    } else {
+        format!("{:03X}#{hex}", id.id)
+    }
+}
+
 /// This machine's wall clock, in ms since the epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -84,7 +106,18 @@ pub struct ConfigSpec<'a> {
     pub payload: &'a str,
 }
 
-impl ConfigSpec<'_> {
+impl<'a> ConfigSpec<'a> {
+    /// The agent with `pki`'s client certificate on `broker`'s TLS port, batches as records.
+    pub fn for_broker(pki: &'a certs::Pki, broker: &broker::Broker) -> Self {
+        ConfigSpec {
+            port: broker.tls_port,
+            ca: &pki.ca,
+            cert: &pki.client_cert,
+            key: &pki.client_key,
+            payload: "records",
+        }
+    }
+
     pub fn render(&self) -> String {
         format!(
             r#"[vehicle]
