@@ -25,6 +25,13 @@ pub struct Replay {
     pub interface: Option<String>,
 }
 
+impl Replay {
+    /// Whether frames of `interface` are replayed.
+    fn takes(&self, interface: &str) -> bool {
+        self.interface.as_deref().is_none_or(|i| i == interface)
+    }
+}
+
 /// How far into the log (on its clock) GPS time is looked for.
 const GPS_SEARCH: Micros = 600_000_000;
 
@@ -83,11 +90,7 @@ pub async fn run(
                 seen.insert(frame.interface.to_owned(), 1);
             }
         }
-        if replay
-            .interface
-            .as_deref()
-            .is_some_and(|i| i != frame.interface)
-        {
+        if !replay.takes(frame.interface) {
             continue;
         }
         used += 1;
@@ -204,11 +207,7 @@ async fn gps_shift(
         let Ok(frame) = candump::parse_line(&line) else {
             continue;
         };
-        let wanted = replay
-            .interface
-            .as_deref()
-            .is_none_or(|i| i == frame.interface);
-        if !wanted || frame.remote {
+        if !replay.takes(frame.interface) || frame.remote {
             continue;
         }
         if frame.time_us - *first.get_or_insert(frame.time_us) > GPS_SEARCH {
@@ -239,7 +238,7 @@ async fn gps_shift(
         );
         return Ok(0);
     }
-    let shift = crate::ops::clock::round_to(offset, grid_step);
+    let shift = crate::ops::clock::offset_on_grid(offset, grid_step);
     tracing::info!(
         "{file}: the log's clock is {:+.3} s from GPS time: timestamps moved by {:+.1} s onto it",
         -offset as f64 / 1e6,
