@@ -614,21 +614,16 @@ async fn watch_clock(
             continue;
         }
         if let Some(spool) = &spool {
-            let offset = if by_gps {
-                // UTC − boot = correction + (sampling clock − boot clock).
-                crate::ops::clock::offset_on_grid(
-                    tb.correction + clock.now() - crate::ops::clock::boot_now_us(),
-                    judge.grid_step,
-                )
+            // UTC − boot clock: from the wall clock when it is trusted; from GPS time, the
+            // correction plus how far the sampling clock is from the boot clock.
+            let utc_minus_boot = if by_gps {
+                tb.correction + clock.now() - crate::ops::clock::boot_now_us()
             } else {
-                crate::ops::clock::offset_on_grid(
-                    crate::ops::clock::boot_to_utc_us(),
-                    judge.grid_step,
-                )
+                crate::ops::clock::boot_to_utc_us()
             };
             let _ = spool.send(Cmd::BootOffset {
                 boot_id: tb.boot_id,
-                offset,
+                offset: crate::ops::clock::offset_on_grid(utc_minus_boot, judge.grid_step),
             });
         }
         if tx.send(tb).is_err() {
